@@ -1,0 +1,149 @@
+"""Networks for both parts, selectable by name with ``build_model(name)``.
+
+Part 1 (input (B, 1, 28, 28) -> logits (B, 10)):
+  sigmoid_cnn  the reference network, layer for layer
+  fashion_net  improved: BN + ReLU VGG-style blocks, dropout
+Part 2 (input (B, 3, H, W) -> logits (B, 5, H, W)):
+  facade_fcn   the reference segmenter, layer for layer
+  unet         improved: 4-level U-Net with skip connections and batch norm
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SigmoidCNN(nn.Module):
+    """Reference Part 1 model. (B,1,28,28) -> conv 3x3 (26) -> pool (13) -> conv 3x3 (11) -> pool (5)
+    -> 32*5*5 = 800 -> 120 -> 84 -> 10. The reference printout omits fc2, but fc3 takes 84 inputs, so fc2
+    (120 -> 84) must exist; it is kept here."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3)
+        self.conv2 = nn.Conv2d(32, 32, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(800, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = self.pool(torch.sigmoid(self.conv1(x)))
+        x = self.pool(torch.sigmoid(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = torch.sigmoid(self.fc1(x))
+        x = torch.sigmoid(self.fc2(x))
+        return self.fc3(x)
+
+
+def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class FashionNet(nn.Module):
+    """Improved Part 1 model: three VGG blocks (28 -> 14 -> 7 -> 3), global pooling, dropout.
+    (B,1,28,28) -> (B,10); 0.58M parameters at width 32."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, dropout: float = 0.3):
+        super().__init__()
+        w = width
+        self.conv1 = conv_bn_relu(1, w)
+        self.conv2 = conv_bn_relu(w, w)
+        self.features = nn.Sequential(
+            nn.MaxPool2d(2),
+            conv_bn_relu(w, 2 * w), conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2),
+            conv_bn_relu(2 * w, 4 * w), conv_bn_relu(4 * w, 4 * w), nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w * 9, 256, bias=False),
+                                  nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                  nn.Linear(256, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(self.conv2(self.conv1(x))))
+
+
+class FacadeFCN(nn.Module):
+    """Reference Part 2 model; keeps the input resolution for any even H, W (so any multiple of 4).
+    (B,3,H,W) -> 64 -> 64 -> pool (H/2) -> up (H) -> 128 -> 128 -> pool (H/2) -> up (H) -> 5x5 conv -> (B,5,H,W)."""
+
+    size_multiple = 2  # each pool is undone by a 2x up-convolution before the next one
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.ConvTranspose2d(64, 64, 2, stride=2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.ConvTranspose2d(128, 128, 2, stride=2),
+            nn.Conv2d(128, num_classes, 5, padding=2),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class UNet(nn.Module):
+    """Improved Part 2 model: U-Net with ``depth`` poolings, BN + ReLU double convs and skip connections.
+    (B,3,H,W) -> (B,C,H,W) for H, W divisible by 2**depth."""
+
+    def __init__(self, num_classes: int = 5, width: int = 32, depth: int = 4):
+        super().__init__()
+        self.size_multiple = 2 ** depth
+        chans = [width * 2 ** i for i in range(depth + 1)]
+        self.down = nn.ModuleList([nn.Sequential(conv_bn_relu(3, chans[0]), conv_bn_relu(chans[0], chans[0]))])
+        self.down.extend(nn.Sequential(nn.MaxPool2d(2), conv_bn_relu(chans[i], chans[i + 1]),
+                                       conv_bn_relu(chans[i + 1], chans[i + 1])) for i in range(depth))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth)))
+        self.merge = nn.ModuleList(nn.Sequential(conv_bn_relu(2 * chans[i], chans[i]), conv_bn_relu(chans[i], chans[i]))
+                                   for i in reversed(range(depth)))
+        self.head = nn.Conv2d(chans[0], num_classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+MODELS = {
+    "sigmoid_cnn": (SigmoidCNN, "classification"),
+    "fashion_net": (FashionNet, "classification"),
+    "facade_fcn": (FacadeFCN, "segmentation"),
+    "unet": (UNet, "segmentation"),
+}
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A network by name (see MODELS); kwargs go to its constructor (e.g. num_classes)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name][0](**kwargs)
+
+
+def models_for(task: str) -> list[str]:
+    return [name for name, (_, t) in MODELS.items() if t == task]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs (2 x multiply-adds) of one forward pass on a zero input of ``input_shape``, batch included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(input_shape, device=next(model.parameters()).device))
+    model.train(was_training)
+    return counter.get_total_flops()

@@ -1,0 +1,160 @@
+"""Shared fixtures: repo on sys.path, real-data locations, tiny synthetic data sets, subprocess helper."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(2)
+
+import datasets  # noqa: E402  (needs the repo on sys.path)
+
+
+# ----------------------------------------------------------------------------- real data
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return Path(os.environ.get("DATA_DIR") or (REPO.parent / "shared" / "data"))
+
+
+def _missing(msg: str):
+    """Skip, or fail when REQUIRE_DATA=1 (CI that must exercise the real data)."""
+    if os.environ.get("REQUIRE_DATA") == "1":
+        pytest.fail(msg + " (REQUIRE_DATA=1)")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def fashion_root(data_dir) -> Path:
+    root = data_dir / "fashion-mnist"
+    stems = [s for pair in datasets.FASHION_FILES.values() for s in pair]
+    missing = [s for s in stems if not root.is_dir() or datasets.find_idx_file(root, s) is None]
+    if missing:
+        _missing(f"Fashion-MNIST not found at {root} (lacks {', '.join(missing)})")
+    return root
+
+
+@pytest.fixture(scope="session")
+def facade_root(data_dir) -> Path:
+    root = data_dir / "facade"
+    for sub in ("train", "test_dev"):
+        if not (root / sub / "eecs442_0000.jpg").is_file():
+            _missing(f"facade data set not found at {root} (no {sub}/eecs442_0000.jpg)")
+    return root
+
+
+# ----------------------------------------------------------------------------- IDX writing
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX encoding of a uint8 array (magic 0x0000080N, big-endian dims, raw bytes)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    data = idx_bytes(array)
+    Path(path).write_bytes(gzip.compress(data) if gz else data)
+    return Path(path)
+
+
+@pytest.fixture
+def make_fashion_root():
+    """Factory: a tiny Fashion-MNIST-like folder with the four IDX files (gzipped)."""
+    def make(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0) -> Path:
+        rng = np.random.default_rng(seed)
+        root.mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", n_train), ("test", n_test)):
+            img_stem, lbl_stem = datasets.FASHION_FILES[split]
+            write_idx(root / (img_stem + ".gz"), rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            write_idx(root / (lbl_stem + ".gz"), np.arange(n, dtype=np.uint8) % 10)
+        return root
+    return make
+
+
+# ----------------------------------------------------------------------------- synthetic facades
+CLASS_RGB = np.array(datasets.FACADE_PALETTE, dtype=np.float64)
+
+
+def synthetic_facade_pair(rng: np.random.Generator, size: int | tuple[int, int] = 32):
+    """(rgb uint8 (H,W,3), label uint8 (H,W)) with every class present as rectangles, image coloured by class."""
+    h, w = (size, size) if isinstance(size, int) else size
+    label = np.zeros((h, w), np.uint8)                      # 0 others (border)
+    t, l = rng.integers(1, 4, 2)
+    label[t:h - 1, l:w - 1] = 1                             # 1 facade
+    pc = int(rng.integers(l + 1, w // 4 + 2))
+    label[t:h - 1, pc:pc + max(2, w // 10)] = 2             # 2 pillar (vertical strip)
+    for k in range(2):                                      # 3 windows
+        r0 = int(rng.integers(t + 1, h // 2 - 2)) if k == 0 else int(rng.integers(h // 2, h - 6))
+        c0 = int(rng.integers(w // 2, w - 8))
+        label[r0:r0 + max(3, h // 8), c0:c0 + max(3, w // 8)] = 3
+    b0 = int(rng.integers(h - 5, h - 3))
+    label[b0:b0 + 2, w // 3: w - 3] = 4                     # 4 balcony (horizontal bar)
+    rgb = CLASS_RGB[label] * 0.8 + 25 + rng.normal(0, 8, (h, w, 3))
+    return np.clip(rgb, 0, 255).astype(np.uint8), label
+
+
+def save_label_png(path: Path, label: np.ndarray) -> None:
+    from PIL import Image
+    im = Image.frombytes("P", (label.shape[1], label.shape[0]), np.ascontiguousarray(label, np.uint8).tobytes())
+    im.putpalette([v for rgb in datasets.FACADE_PALETTE for v in rgb])
+    im.save(path, format="PNG")
+
+
+def make_facade_set(root: Path, n_train: int = 12, n_test: int = 4, size=32, seed: int = 0) -> Path:
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for folder, n in (("train", n_train), ("test_dev", n_test)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            rgb, label = synthetic_facade_pair(rng, size)
+            jpg, png = datasets.facade_pair(root / folder, i)
+            Image.fromarray(rgb).save(jpg, format="JPEG", quality=95, subsampling=0)
+            save_label_png(png, label)
+    return root
+
+
+@pytest.fixture
+def make_facade():
+    """Factory: make_facade(root, n_train=12, n_test=4, size=32, seed=0) -> root."""
+    return make_facade_set
+
+
+@pytest.fixture
+def synthetic_facade(tmp_path) -> Path:
+    """A fresh tiny facade set (train/ 12 pairs, test_dev/ 4 pairs, 32x32) that a test may damage."""
+    return make_facade_set(tmp_path / "facade_syn")
+
+
+@pytest.fixture(scope="session")
+def synthetic_facade_ro(tmp_path_factory) -> Path:
+    """The same tiny facade set, shared read-only by the end-to-end tests."""
+    return make_facade_set(tmp_path_factory.mktemp("facade_syn_ro"))
+
+
+# ----------------------------------------------------------------------------- subprocess
+def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a repository script with this interpreter, cwd = repo, 2 threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int = 2, mentions: str | None = None) -> str:
+    """Exit ``code``, stderr is exactly one line starting with 'error:', no traceback anywhere."""
+    report = f"rc={proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, report
+    assert proc.returncode == code, report
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, report
+    assert lines[0].startswith("error:"), report
+    if mentions is not None:
+        assert mentions in lines[0], report
+    return lines[0]

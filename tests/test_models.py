@@ -1,0 +1,81 @@
+"""models: output shapes, parameter counts, FLOPs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+
+
+def test_sigmoid_cnn_shape_and_parameter_count():
+    net = models.build_model("sigmoid_cnn")
+    by_hand = (32 * 1 * 9 + 32) + (32 * 32 * 9 + 32) + (800 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+    assert by_hand == 116702
+    assert models.count_parameters(net) == by_hand
+    with torch.no_grad():
+        assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    # layer by layer, as the reference
+    assert net.conv1.weight.shape == (32, 1, 3, 3) and net.conv2.weight.shape == (32, 32, 3, 3)
+    assert net.fc1.weight.shape == (120, 800) and net.fc2.weight.shape == (84, 120) and net.fc3.weight.shape == (10, 84)
+
+
+def test_fashion_net_shape():
+    net = models.build_model("fashion_net").eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    w = 32
+    convs = 9 * (1 * w + w * w + w * 2 * w + 2 * w * 2 * w + 2 * w * 4 * w + 4 * w * 4 * w)  # no conv bias
+    bns = 2 * (2 * w + 2 * 2 * w + 2 * 4 * w) + 2 * 256
+    head = 4 * w * 9 * 256 + 256 * 10 + 10
+    # (the class docstring says "about 0.3M"; the 1152 x 256 head alone is 0.29M)
+    assert models.count_parameters(net) == convs + bns + head == 584874
+
+
+@pytest.mark.parametrize("size", [256, 264])
+def test_facade_fcn_keeps_resolution(size):
+    net = models.build_model("facade_fcn").eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, size, size)).shape == (1, 5, size, size)
+
+
+def test_facade_fcn_non_square_small():
+    net = models.build_model("facade_fcn").eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 36, 50)).shape == (2, 5, 36, 50)
+    assert 36 % net.size_multiple == 0 and 50 % net.size_multiple == 0
+
+
+def test_unet_256():
+    net = models.build_model("unet", num_classes=5, width=8, depth=4).eval()
+    assert net.size_multiple == 16
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 256, 256)).shape == (1, 5, 256, 256)
+
+
+def test_unet_default_width_parameters_and_shape():
+    net = models.build_model("unet").eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 64, 48)).shape == (1, 5, 64, 48)
+    assert 5e6 < models.count_parameters(net) < 12e6  # a width-32, depth-4 U-Net has ~7.8M
+
+
+def test_facade_fcn_flops_256():
+    net = models.build_model("facade_fcn")
+    flops = models.forward_flops(net, (1, 3, 256, 256))
+    hw, half = 256 * 256, 128 * 128
+    by_hand = 2 * (3 * 64 * 9 * hw + 64 * 64 * 9 * hw + 64 * 64 * 4 * half + 64 * 128 * 9 * hw
+                   + 128 * 128 * 9 * hw + 128 * 128 * 4 * half + 128 * 5 * 25 * hw)
+    assert by_hand == pytest.approx(38.8e9, rel=0.01)
+    assert flops == pytest.approx(38.8e9, rel=0.01)
+    assert flops == pytest.approx(by_hand, rel=1e-3)
+    assert net.training  # forward_flops restores the mode
+
+
+def test_build_model_unknown_name():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("resnet")
+
+
+def test_models_for_tasks():
+    assert sorted(models.models_for("classification")) == ["fashion_net", "sigmoid_cnn"]
+    assert sorted(models.models_for("segmentation")) == ["facade_fcn", "unet"]

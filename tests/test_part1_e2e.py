@@ -1,0 +1,208 @@
+"""Part 1 end to end on the real Fashion-MNIST files (small: 2000 training images, 2 epochs)."""
+from __future__ import annotations
+
+import base64
+import csv
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+import datasets
+import models
+import part1_classify
+import utils
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s"]
+
+
+def run_part1(*argv):
+    args = part1_classify.get_args_parser().parse_args([*map(str, argv), "--no-progress"])
+    return part1_classify.main(args)
+
+
+@pytest.fixture(scope="module")
+def part1_run(fashion_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("part1") / "run"
+    returned = run_part1("--data-root", fashion_root, "--train-limit", 2000, "--epochs", 2,
+                         "--eval-batch-size", 2000, "--output-dir", out, "--threads", 2)
+    return out, returned
+
+
+def _metrics(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder_files(part1_run):
+    run_dir, _ = part1_run
+    args = utils.read_json(run_dir / "args.json")
+    assert args["epochs"] == 2 and args["train_limit"] == 2000 and args["model"] == "sigmoid_cnn"
+    assert args["batch_size"] == 500 and args["optimizer"] == "adam"  # the recipe filled the unset flags
+    log = (run_dir / "log.txt").read_text()
+    assert "epoch 1/2" in log and "epoch 2/2" in log and "Test accuracy" in log
+    rows = _metrics(run_dir)
+    assert len(rows) == 2
+    assert set(METRIC_COLUMNS) <= set(rows[0])
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("train_loss", "val_loss"):
+            assert 0 < float(r[key]) < 10
+        for key in ("train_accuracy", "val_accuracy"):
+            assert 0 <= float(r[key]) <= 1
+        assert float(r["epoch_time_s"]) > 0
+    # warm-up of one epoch (4 steps of 500 over 1600 images): the first logged lr is 1/4 of the recipe's peak
+    peak = part1_classify.RECIPES["sigmoid_cnn"]["lr"]
+    assert float(rows[0]["lr"]) == pytest.approx(peak / 4)
+    assert float(rows[1]["lr"]) == pytest.approx(peak)
+
+
+def test_results_json(part1_run):
+    run_dir, returned = part1_run
+    res = utils.read_json(run_dir / "results.json")
+    assert 0 <= res["test_accuracy"] <= 1
+    assert list(res["per_class_accuracy"]) == datasets.FASHION_CLASSES
+    cm = torch.tensor(res["confusion_matrix"])
+    assert cm.shape == (10, 10) and int(cm.sum()) == 10000
+    assert cm.sum(1).tolist() == [1000] * 10  # the real test set: 1000 per class
+    assert res["test_accuracy"] == pytest.approx(cm.diag().sum().item() / 10000, abs=1e-12)
+    per_class = (cm.diag().double() / cm.sum(1)).tolist()
+    assert list(res["per_class_accuracy"].values()) == pytest.approx(per_class, abs=1e-12)
+    assert res["mean_per_class_accuracy"] == pytest.approx(sum(per_class) / 10, abs=1e-12)
+    assert res["checkpoint"].endswith("best.pt") and res["checkpoint_epoch"] in (1, 2)
+    assert res["parameters"] == 116702 and res["model"] == "sigmoid_cnn"
+    assert res["epochs_trained"] == 2
+    rows = _metrics(run_dir)
+    best = max(rows, key=lambda r: float(r["val_accuracy"]))  # first maximum wins
+    assert res["checkpoint_epoch"] == int(best["epoch"])
+    assert returned["accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-12)
+
+
+def test_figures_are_pngs(part1_run):
+    run_dir, _ = part1_run
+    for rel in part1_classify.FIGURES:
+        path = run_dir / rel
+        assert path.is_file(), rel
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 50 and im.size[1] > 50
+            im.load()
+
+
+def test_report_html(part1_run):
+    run_dir, _ = part1_run
+    html = (run_dir / "report.html").read_text()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
+    assert len(images) == len(part1_classify.FIGURES)
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    assert "Per-class test accuracy" in html
+    res = utils.read_json(run_dir / "results.json")
+    for name, acc in res["per_class_accuracy"].items():
+        assert f"<td>{name}</td><td>{acc:.1%}</td>" in html
+
+
+def test_checkpoints(part1_run):
+    run_dir, _ = part1_run
+    res = utils.read_json(run_dir / "results.json")
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
+        for key in ("model", "model_name", "args", "epoch", "optimizer", "scheduler", "normalization"):
+            assert key in ckpt, (name, key)
+        assert ckpt["model_name"] == "sigmoid_cnn"
+        assert ckpt["normalization"] == res["normalization"]
+    last = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    best = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2 and best["epoch"] == res["checkpoint_epoch"]
+    assert last["scheduler"]["last_epoch"] == 8  # 2 epochs x 4 steps
+
+
+def _predict(ckpt, images_u8, batch=2000):
+    net = models.build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    mean = torch.tensor(ckpt["normalization"]["mean"]).reshape(1, -1, 1, 1)
+    std = torch.tensor(ckpt["normalization"]["std"]).reshape(1, -1, 1, 1)
+    preds = []
+    with torch.no_grad():
+        for chunk in images_u8.split(batch):
+            preds.append(net((chunk.float() / 255 - mean) / std).argmax(1))
+    return torch.cat(preds)
+
+
+def test_independent_recomputation(part1_run, fashion_root):
+    run_dir, _ = part1_run
+    res = utils.read_json(run_dir / "results.json")
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    images, labels = datasets.load_fashion_split(fashion_root, "test")
+    # normalisation = mean/std of the training split (first 2000 images, seeded 80 % split)
+    train_x, _ = datasets.load_fashion_split(fashion_root, "train")
+    tr_idx, _ = datasets.split_train_val(2000, 0.2, 0)
+    mean, std = datasets.channel_stats(train_x[:2000][tr_idx])
+    assert ckpt["normalization"]["mean"] == pytest.approx(mean) and ckpt["normalization"]["std"] == pytest.approx(std)
+    pred = _predict(ckpt, images)
+    acc = (pred == labels).double().mean().item()
+    assert abs(acc - res["test_accuracy"]) < 1e-9
+    for c, name in enumerate(datasets.FASHION_CLASSES):
+        mask = labels == c
+        assert abs((pred[mask] == c).double().mean().item() - res["per_class_accuracy"][name]) < 1e-9
+
+
+def test_eval_only_reproduces(part1_run, fashion_root, tmp_path):
+    run_dir, _ = part1_run
+    res = utils.read_json(run_dir / "results.json")
+    other = tmp_path / "eval"
+    out = run_part1("--eval-only", run_dir / "checkpoints" / "best.pt", "--data-root", fashion_root,
+                    "--train-limit", 2000, "--eval-batch-size", 2000, "--output-dir", other)
+    res2 = utils.read_json(other / "results.json")
+    assert res2["test_accuracy"] == res["test_accuracy"]
+    assert res2["confusion_matrix"] == res["confusion_matrix"]
+    assert out["accuracy"] == res["test_accuracy"]
+    assert not (other / "checkpoints").exists() and not (other / "metrics.csv").exists()  # no training
+
+
+def test_report_only_rebuilds(part1_run):
+    run_dir, _ = part1_run
+    report = run_dir / "report.html"
+    before = utils.read_json(run_dir / "results.json")
+    report.unlink()
+    (run_dir / "figures" / "per_class_accuracy.png").unlink()
+    out = run_part1("--report-only", run_dir)
+    assert report.is_file() and (run_dir / "figures" / "per_class_accuracy.png").is_file()
+    assert "Per-class test accuracy" in report.read_text()
+    assert out["test_accuracy"] == before["test_accuracy"]
+    assert utils.read_json(run_dir / "results.json")["confusion_matrix"] == before["confusion_matrix"]
+
+
+# ----------------------------------------------------------------------------- resume equivalence
+def test_resume_equals_uninterrupted(fashion_root, tmp_path):
+    common = ["--data-root", fashion_root, "--train-limit", 1000, "--epochs", 2, "--eval-batch-size", 2000]
+    a, b = tmp_path / "A", tmp_path / "B"
+    run_part1(*common, "--output-dir", a)
+    run_part1(*common, "--output-dir", b, "--stop-after-epochs", 1)
+    assert len(_metrics(b)) == 1
+    assert torch.load(b / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 1
+    run_part1(*common, "--resume", b / "checkpoints" / "last.pt")  # no --output-dir: the checkpoint's run folder
+    rows_a, rows_b = _metrics(a), _metrics(b)
+    assert len(rows_a) == len(rows_b) == 2
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ra:
+            if key not in ("epoch_time_s", "train_images_per_s"):
+                assert ra[key] == rb[key], (key, ra, rb)
+    res_a, res_b = utils.read_json(a / "results.json"), utils.read_json(b / "results.json")
+    assert res_a["test_accuracy"] == res_b["test_accuracy"]
+    assert res_a["checkpoint_epoch"] == res_b["checkpoint_epoch"]
+    assert res_a["confusion_matrix"] == res_b["confusion_matrix"]
+    wa = torch.load(a / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    wb = torch.load(b / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_val_fraction_zero_tests_the_final_epoch(make_fashion_root, tmp_path):
+    """--val-fraction 0 is accepted (range [0, 1)), but with no validation images every val_accuracy is 0,
+    so 'best' stays epoch 1 and the test results silently come from the first epoch, not the trained model."""
+    root = make_fashion_root(tmp_path / "fm", n_train=40, n_test=20)
+    out = tmp_path / "run"
+    run_part1("--data-root", root, "--no-download", "--val-fraction", 0, "--epochs", 3, "--batch-size", 20,
+              "--eval-batch-size", 20, "--output-dir", out)
+    res = utils.read_json(out / "results.json")
+    assert res["checkpoint_epoch"] == 3, f"tested the weights of epoch {res['checkpoint_epoch']} of 3"
