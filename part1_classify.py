@@ -27,7 +27,7 @@ RECIPES = {
     # sigmoid network train (Adam 1e-3 for 10 epochs: 79.8%). Augmentation only slows it at this size.
     "sigmoid_cnn": dict(epochs=30, batch_size=500, lr=1e-2, weight_decay=0.0, optimizer="adam", schedule="cosine",
                         warmup_epochs=1, label_smoothing=0.0, augment="none"),
-    "fashion_net": dict(epochs=30, batch_size=128, lr=2e-3, weight_decay=5e-2, optimizer="adamw", schedule="cosine",
+    "fashion_net": dict(epochs=40, batch_size=128, lr=2e-3, weight_decay=5e-2, optimizer="adamw", schedule="cosine",
                         warmup_epochs=1, label_smoothing=0.1, augment="translate_flip"),
 }
 AUGMENTATIONS = {"none": None, "translate_flip": datasets.random_translate_flip}
@@ -60,7 +60,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def apply_recipe(args) -> None:
+def apply_recipe(args, ckpt: dict | None = None) -> None:
     for key, value in RECIPES[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -101,16 +101,7 @@ def build_loaders(args, rt, splits, normalization):
 def main(args) -> dict | None:
     if args.report_only:
         return write_outputs(Path(args.report_only), None, None, None, None)
-    ckpt_path = args.resume or args.eval_only
-    ckpt = utils.load_checkpoint(ckpt_path, task="classification") if ckpt_path else None
-    if ckpt is not None:
-        args.model = ckpt["model_name"]
-    apply_recipe(args)
-    rt = utils.setup_runtime(args)
-    try:
-        return run(args, rt, ckpt)
-    finally:
-        utils.cleanup_runtime(rt)
+    return utils.run_task(args, "classification", apply_recipe, run)
 
 
 def run(args, rt: utils.Runtime, ckpt: dict | None) -> dict | None:
@@ -121,28 +112,15 @@ def run(args, rt: utils.Runtime, ckpt: dict | None) -> dict | None:
         normalization = ckpt["normalization"]
     train_loader, val_loader, test_loader = build_loaders(args, rt, splits, normalization)
     model, model_without_ddp = utils.prepare_model(build_model(args.model, num_classes=10), rt, args.compile)
-    optimizer = utils.build_optimizer(model_without_ddp, args.optimizer, args.lr, args.weight_decay)
-    steps_per_epoch = len(train_loader) if args.max_steps is None else min(len(train_loader), args.max_steps)
-    scheduler = utils.build_scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch,
-                                      int(args.warmup_epochs * steps_per_epoch))
     loss_fn = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)  # noqa: E731
     extra = {"model_name": args.model, "model_kwargs": {"num_classes": 10}, "args": vars(args),
              "normalization": normalization, "class_names": datasets.FASHION_CLASSES, "task": "classification"}
-    state = utils.TrainState(model, model_without_ddp, optimizer, scheduler, loss_fn, extra)
+    state = utils.build_train_state(model, model_without_ddp, args, train_loader, loss_fn, extra)
     log.info("model %s: %d parameters; %d train / %d val / %d test images", args.model,
              count_parameters(model_without_ddp), len(splits["train"][0]), len(splits["val"][0]), len(splits["test"][0]))
-    if args.eval_only:
-        model_without_ddp.load_state_dict(ckpt["model"])
-        ckpt_path, ckpt_epoch = Path(args.eval_only), ckpt["epoch"]
-    else:
-        if args.resume:
-            utils.restore_training(state, ckpt, rt)
-            log.info("resumed from %s at epoch %d", args.resume, ckpt["epoch"])
-        make_metric = lambda: utils.ConfusionMatrix(10)  # noqa: E731
-        utils.fit(state, train_loader, val_loader, rt, run_dir, epochs=args.epochs, best_key="val_accuracy",
-                  best_mode="max", make_metric=make_metric, max_steps=args.max_steps,
-                  stop_after_epochs=args.stop_after_epochs, time_limit_min=args.time_limit, log=log)
-        ckpt_path, ckpt_epoch = utils.load_best_weights(state, run_dir, rt)
+    ckpt_path, ckpt_epoch = utils.train_or_load(state, args, ckpt, rt, run_dir, train_loader, val_loader,
+                                                best_key="val_accuracy", best_mode="max",
+                                                make_metric=lambda: utils.ConfusionMatrix(10), log=log)
     results = test_and_collect(model, test_loader, loss_fn, rt)
     if rt.is_main:
         results.update(checkpoint=str(ckpt_path), checkpoint_epoch=ckpt_epoch, model=args.model,
@@ -182,13 +160,7 @@ def write_outputs(run_dir: Path, results: dict | None, model, test_split, log) -
         for k, conv in enumerate(convs, 1):
             utils.plot_filters(conv.weight, fig / f"conv{k}_filters.png",
                                f"conv{k} filters ({conv.out_channels} x {conv.in_channels} of {conv.kernel_size[0]}x{conv.kernel_size[1]})")
-    rows = utils.read_csv(run_dir / "metrics.csv")
-    if rows:
-        results["epochs_trained"] = rows[-1]["epoch"]
-        results["train_time_s"] = sum(r["epoch_time_s"] for r in rows)
-        results["train_images_per_s"] = sum(r["train_images_per_s"] for r in rows) / len(rows)
-        utils.plot_curves(rows, ["train_accuracy", "val_accuracy"], fig / "accuracy_curve.png", "accuracy", "Accuracy per epoch")
-        utils.plot_curves(rows, ["train_loss", "val_loss"], fig / "loss_curve.png", "cross-entropy", "Loss per epoch")
+    rows = utils.summarize_training(run_dir, results, "accuracy")
     utils.write_json(run_dir / "results.json", results)
     per_class = list(results["per_class_accuracy"].items())
     utils.plot_bars([n for n, _ in per_class], [v for _, v in per_class], fig / "per_class_accuracy.png",

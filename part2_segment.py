@@ -82,7 +82,7 @@ def get_predict_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def apply_recipe(args) -> None:
+def apply_recipe(args, ckpt: dict | None = None) -> None:
     recipe = dict(RECIPES[args.model])
     model_kwargs = dict(recipe.pop("model_kwargs"))
     for key, value in recipe.items():
@@ -90,7 +90,7 @@ def apply_recipe(args) -> None:
             setattr(args, key, value)
     if args.width is not None and "width" in model_kwargs:
         model_kwargs["width"] = args.width
-    args.model_kwargs = {"num_classes": NUM_CLASSES, **model_kwargs}
+    args.model_kwargs = ckpt["model_kwargs"] if ckpt is not None else {"num_classes": NUM_CLASSES, **model_kwargs}
 
 
 def load_data(args, rt):
@@ -136,18 +136,7 @@ def make_loss(name: str, train_labels: torch.Tensor):
 def main(args) -> dict | None:
     if args.report_only:
         return write_outputs(Path(args.report_only), None, None, None)
-    ckpt_path = args.resume or args.eval_only
-    ckpt = utils.load_checkpoint(ckpt_path, task="segmentation") if ckpt_path else None
-    if ckpt is not None:
-        args.model = ckpt["model_name"]
-    apply_recipe(args)
-    if ckpt is not None:
-        args.model_kwargs = ckpt["model_kwargs"]
-    rt = utils.setup_runtime(args)
-    try:
-        return run(args, rt, ckpt)
-    finally:
-        utils.cleanup_runtime(rt)
+    return utils.run_task(args, "segmentation", apply_recipe, run)
 
 
 def run(args, rt: utils.Runtime, ckpt: dict | None) -> dict | None:
@@ -169,32 +158,22 @@ def run(args, rt: utils.Runtime, ckpt: dict | None) -> dict | None:
     h, w = splits["test"][0].shape[-2:]
     flops = forward_flops(net, (1, 3, h, w))
     model, model_without_ddp = utils.prepare_model(net, rt, args.compile)
-    optimizer = utils.build_optimizer(model_without_ddp, args.optimizer, args.lr, args.weight_decay)
-    steps_per_epoch = len(train_loader) if args.max_steps is None else min(len(train_loader), args.max_steps)
-    scheduler = utils.build_scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch))
     loss_fn = make_loss(args.loss, splits["train"][1])
     extra = {"model_name": args.model, "model_kwargs": args.model_kwargs, "args": vars(args), "normalization": normalization,
              "class_names": datasets.FACADE_CLASSES, "task": "segmentation"}
-    state = utils.TrainState(model, model_without_ddp, optimizer, scheduler, loss_fn, extra)
+    state = utils.build_train_state(model, model_without_ddp, args, train_loader, loss_fn, extra)
     log.info("model %s: %d parameters, %.1f GFLOP per %dx%d image; %d train / %d val / %d test images", args.model,
              count_parameters(model_without_ddp), flops / 1e9, w, h, *(len(splits[s][0]) for s in ("train", "val", "test")))
-    if args.eval_only:
-        model_without_ddp.load_state_dict(ckpt["model"])
-        ckpt_path, ckpt_epoch = Path(args.eval_only), ckpt["epoch"]
-    else:
-        if args.resume:
-            utils.restore_training(state, ckpt, rt)
-            log.info("resumed from %s at epoch %d", args.resume, ckpt["epoch"])
-        utils.fit(state, train_loader, val_loader, rt, run_dir, epochs=args.epochs, best_key="val_loss", best_mode="min",
-                  make_metric=lambda: utils.ConfusionMatrix(NUM_CLASSES), max_steps=args.max_steps,
-                  stop_after_epochs=args.stop_after_epochs, time_limit_min=args.time_limit, log=log)
-        ckpt_path, ckpt_epoch = utils.load_best_weights(state, run_dir, rt)
+    ckpt_path, ckpt_epoch = utils.train_or_load(state, args, ckpt, rt, run_dir, train_loader, val_loader,
+                                                best_key="val_loss", best_mode="min",
+                                                make_metric=lambda: utils.ConfusionMatrix(NUM_CLASSES), log=log)
     results = utils.evaluate(model, test_loader, F.cross_entropy, rt, utils.PixelScores(NUM_CLASSES), desc="test")
     if rt.is_main:
         results.update(checkpoint=str(ckpt_path), checkpoint_epoch=ckpt_epoch, model=args.model,
                        parameters=count_parameters(model_without_ddp), gflops_per_image=flops / 1e9,
                        image_size=[int(h), int(w)], normalization=normalization)
-        write_outputs(run_dir, results, (model, rt, splits["test"], normalization, args.num_examples), log)
+        # rank 0 alone runs these forwards: the unwrapped model, since DDP may broadcast buffers in forward
+        write_outputs(run_dir, results, (model_without_ddp, rt, splits["test"], normalization, args.num_examples), log)
     utils.close_logger(log)
     return results
 
@@ -212,22 +191,16 @@ def write_outputs(run_dir: Path, results: dict | None, example_inputs, log) -> d
                    "mean_ap_softmax": results["mean_ap_softmax"], "ap_softmax": dict(zip(names, results["ap_softmax"])),
                    "pixel_accuracy": results["pixel_accuracy"], "miou": results["miou"], "iou": dict(zip(names, results["iou"])),
                    "test_loss": results["loss"], "test_images_per_s": results["images_per_s"],
-                   "confusion_matrix": results["confusion_matrix"],
+                   "confusion_matrix": results["confusion_matrix"], "pr_curves": dict(zip(names, results["pr_curves"])),
                    **{k: results[k] for k in ("checkpoint", "checkpoint_epoch", "model", "parameters", "gflops_per_image",
                                               "image_size", "normalization")}}
         plot_predictions(*example_inputs, fig / "predictions.png")
-        plot_pr_curves(example_inputs, fig / "pr_curves.png")
-    rows = utils.read_csv(run_dir / "metrics.csv")
-    if rows:
-        results["epochs_trained"] = rows[-1]["epoch"]
-        results["train_time_s"] = sum(r["epoch_time_s"] for r in rows)
-        results["train_images_per_s"] = sum(r["train_images_per_s"] for r in rows) / len(rows)
-        utils.plot_curves(rows, ["train_loss", "val_loss"], fig / "loss_curve.png", "loss", "Loss per epoch")
-        utils.plot_curves(rows, ["train_accuracy", "val_accuracy"], fig / "accuracy_curve.png", "pixel accuracy", "Pixel accuracy per epoch")
+    rows = utils.summarize_training(run_dir, results, "pixel accuracy")
     utils.write_json(run_dir / "results.json", results)
     utils.plot_bars(names, list(results["ap"].values()), fig / "per_class_ap.png", "average precision",
                     f"Per-class AP on test pixels (mean {results['mean_ap']:.4f})")
     utils.plot_confusion(results["confusion_matrix"], names, fig / "confusion_matrix.png", "Test pixel confusion (row-normalised)")
+    plot_pr_curves(results.get("pr_curves", {}), fig / "pr_curves.png")
     summary = {"model": results["model"], "mean AP (raw scores)": f"{results['mean_ap']:.4f}",
                "mean AP (softmax)": f"{results['mean_ap_softmax']:.4f}", "mIoU": f"{results['miou']:.4f}",
                "pixel accuracy": f"{results['pixel_accuracy']:.4f}", "GFLOP per image": f"{results['gflops_per_image']:.1f}",
@@ -259,7 +232,7 @@ def plot_predictions(model, rt, test_split, normalization, count: int, path: Pat
     images, labels = test_split
     picks = torch.linspace(0, len(images) - 1, min(count, len(images))).long().tolist()
     x = datasets.normalize(images[picks], normalization["mean"], normalization["std"])
-    preds = predict_logits(model, rt, x, _multiple(model)).argmax(1).cpu()
+    preds = predict_logits(model, rt, x, model.size_multiple).argmax(1).cpu()
     tiles, titles = [], []
     for k, i in enumerate(picks):
         tiles += [images[i].permute(1, 2, 0).cpu().numpy(), datasets.colorize(labels[i].cpu()), datasets.colorize(preds[k])]
@@ -267,24 +240,14 @@ def plot_predictions(model, rt, test_split, normalization, count: int, path: Pat
     utils.plot_image_grid(tiles, titles, path, cols=3, title="Test predictions")
 
 
-def _multiple(model) -> int:
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner).size_multiple
-
-
-def plot_pr_curves(example_inputs, path: Path) -> None:
-    """Precision-recall curve per class over all test pixels (raw scores), recomputed in one pass."""
-    model, rt, (images, labels), normalization, _ = example_inputs
-    scores = []
-    for chunk in torch.arange(len(images)).split(10):
-        x = datasets.normalize(images[chunk], normalization["mean"], normalization["std"])
-        scores.append(predict_logits(model, rt, x, _multiple(model)).permute(0, 2, 3, 1).reshape(-1, NUM_CLASSES).cpu())
-    scores, flat = torch.cat(scores), labels.reshape(-1).cpu().long()
+def plot_pr_curves(curves: dict, path: Path) -> None:
+    """Precision-recall curve per class over all test pixels (raw scores), from PixelScores' curves."""
     plt = utils._plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     for c, name in enumerate(datasets.FACADE_CLASSES):
-        recall, precision = utils.precision_recall_points(flat == c, scores[:, c])
-        ax.plot(recall, precision, label=name, color=np.array(datasets.FACADE_PALETTE[c]) / 255 if c else "gray")
+        if curves.get(name):
+            color = np.array(datasets.FACADE_PALETTE[c]) / 255 if c else "gray"
+            ax.plot(curves[name]["recall"], curves[name]["precision"], label=name, color=color)
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall per class (test pixels)", xlim=(0, 1), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend()

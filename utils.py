@@ -319,13 +319,9 @@ class ConfusionMatrix:
         }
 
 
-def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Exactly sklearn.metrics.average_precision_score for one binary problem.
-
-    AP = sum_n (R_n - R_{n-1}) P_n over distinct score thresholds (descending), as sklearn
-    computes it. One sort instead of sklearn's extra checks makes it several times faster
-    for millions of pixels. Returns nan when there is no positive.
-    """
+def precision_recall_steps(y_true, scores) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(precision, recall) at every distinct score threshold, highest first, in float64, exactly as
+    sklearn's precision_recall_curve (before its reversal); None when there is no positive."""
     scores = torch.as_tensor(scores)
     y_true = torch.as_tensor(y_true, dtype=torch.bool)
     sorted_scores, order = torch.sort(scores, descending=True)
@@ -335,20 +331,27 @@ def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
     last_of_run = torch.cat([last_of_run, torch.tensor([len(sorted_scores) - 1])])
     tps = torch.cumsum(hits, 0)[last_of_run]
     if len(tps) == 0 or tps[-1] == 0:
+        return None
+    return tps / (last_of_run + 1).to(torch.float64), tps / tps[-1]
+
+
+def average_precision(y_true, scores) -> float:
+    """Exactly sklearn.metrics.average_precision_score for one binary problem:
+    AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds. One torch sort instead of sklearn's
+    extra passes makes it several times faster for millions of pixels. nan when there is no positive."""
+    return ap_from_steps(precision_recall_steps(y_true, scores))
+
+
+def ap_from_steps(steps) -> float:
+    if steps is None:
         return float("nan")
-    precision = tps / (last_of_run + 1).to(torch.float64)
-    recall = tps / tps[-1]
-    recall_step = torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64))
-    return float((recall_step * precision).sum())
+    precision, recall = steps
+    return float((torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64)) * precision).sum())
 
 
-def precision_recall_points(y_true: torch.Tensor, scores: torch.Tensor, max_points: int = 500):
-    """(recall, precision) along the descending-score curve, subsampled for plotting."""
-    sorted_scores, order = torch.sort(scores, descending=True)
-    tps = torch.cumsum(y_true[order].to(torch.float64), 0)
-    keep = torch.linspace(0, len(tps) - 1, min(max_points, len(tps))).long()
-    tps = tps[keep]
-    return (tps / tps[-1].clamp(min=1)).numpy(), (tps / (keep + 1)).numpy()
+def subsample_curve(precision: torch.Tensor, recall: torch.Tensor, points: int = 200) -> dict:
+    keep = torch.linspace(0, len(recall) - 1, min(points, len(recall))).long()
+    return {"recall": recall[keep].tolist(), "precision": precision[keep].tolist()}
 
 
 class PixelScores:
@@ -384,10 +387,14 @@ class PixelScores:
         valid = labels < self.num_classes
         scores, labels = scores[valid], labels[valid]
         probs = torch.softmax(scores, dim=1)
-        ap = [average_precision(labels == c, scores[:, c]) for c in range(self.num_classes)]
+        ap, curves = [], []
+        for c in range(self.num_classes):
+            steps = precision_recall_steps(labels == c, scores[:, c])
+            ap.append(ap_from_steps(steps))
+            curves.append(None if steps is None else subsample_curve(*steps))
         ap_softmax = [average_precision(labels == c, probs[:, c]) for c in range(self.num_classes)]
         cm = self.confusion.compute()
-        return {"ap": ap, "mean_ap": float(np.nanmean(ap)), "ap_softmax": ap_softmax,
+        return {"ap": ap, "pr_curves": curves, "mean_ap": float(np.nanmean(ap)), "ap_softmax": ap_softmax,
                 "mean_ap_softmax": float(np.nanmean(ap_softmax)), "pixel_accuracy": cm["accuracy"],
                 "iou": cm["iou"], "miou": cm["miou"], "per_class_accuracy": cm["per_class_accuracy"],
                 "confusion_matrix": cm["confusion_matrix"]}
@@ -427,10 +434,15 @@ def train_one_epoch(model, loader, loss_fn, optimizer, rt: Runtime, epoch: int, 
             rate = seen * rt.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
     bar.close()
+    return summarize_pass(loss_sum, seen, start, metric, rt)
+
+
+def summarize_pass(loss_sum: torch.Tensor, seen: int, start: float, metric, rt: Runtime) -> dict:
+    """Mean loss, image count and rate over all ranks (one all-reduce), plus the metric's results."""
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device)]), rt)
+    totals = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(seen), device=rt.device, dtype=torch.float64)]), rt)
     result = {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "images": int(totals[1].item()),
               "time_s": elapsed, "images_per_s": totals[1].item() / max(elapsed, 1e-9)}
     if metric is not None:
@@ -459,14 +471,7 @@ def evaluate(model, loader, loss_fn, rt: Runtime, metric=None, desc: str = "eval
             metric.update(logits, y)
         if on_batch is not None:
             on_batch(x, y, logits)
-    elapsed = time.perf_counter() - start
-    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device, dtype=torch.float64)]), rt)
-    result = {"loss": (totals[0] / totals[1].clamp(min=1)).item(), "images": int(totals[1].item()),
-              "time_s": elapsed, "images_per_s": totals[1].item() / max(elapsed, 1e-9)}
-    if metric is not None:
-        metric.all_reduce(rt)
-        result.update(metric.compute())
-    return result
+    return summarize_pass(loss_sum, seen, start, metric, rt)
 
 
 @dataclass
@@ -528,6 +533,45 @@ def fit(state: TrainState, train_loader, val_loader, rt: Runtime, run_dir: Path,
             log.info("time limit of %g min reached after epoch %d of %d", time_limit_min, epoch, epochs)
             break
     return rows
+
+
+def run_task(args, task: str, apply_recipe: Callable, run: Callable):
+    """The scripts' main(): the checkpoint of --resume/--eval-only decides the model, the recipe fills
+    unset flags, then ``run(args, rt, ckpt)`` runs inside a runtime that is always cleaned up."""
+    ckpt_path = args.resume or args.eval_only
+    ckpt = load_checkpoint(ckpt_path, task=task) if ckpt_path else None
+    if ckpt is not None:
+        args.model = ckpt["model_name"]
+    apply_recipe(args, ckpt)
+    rt = setup_runtime(args)
+    try:
+        return run(args, rt, ckpt)
+    finally:
+        cleanup_runtime(rt)
+
+
+def build_train_state(model, model_without_ddp, args, train_loader, loss_fn, extra: dict) -> TrainState:
+    """Optimiser and per-step schedule from the (recipe-filled) args."""
+    optimizer = build_optimizer(model_without_ddp, args.optimizer, args.lr, args.weight_decay)
+    steps_per_epoch = len(train_loader) if args.max_steps is None else min(len(train_loader), args.max_steps)
+    scheduler = build_scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch))
+    return TrainState(model, model_without_ddp, optimizer, scheduler, loss_fn, extra)
+
+
+def train_or_load(state: TrainState, args, ckpt: dict | None, rt: Runtime, run_dir: Path, train_loader, val_loader, *,
+                  best_key: str, best_mode: str, make_metric: Callable, log: logging.Logger) -> tuple[Path, int]:
+    """--eval-only: the checkpoint's weights. Otherwise (resume and) train, then the best epoch's weights.
+    Returns the checkpoint the test numbers will come from and its epoch."""
+    if args.eval_only:
+        state.model_without_ddp.load_state_dict(ckpt["model"])
+        return Path(args.eval_only), ckpt["epoch"]
+    if args.resume:
+        restore_training(state, ckpt, rt)
+        log.info("resumed from %s at epoch %d", args.resume, ckpt["epoch"])
+    fit(state, train_loader, val_loader, rt, run_dir, epochs=args.epochs, best_key=best_key, best_mode=best_mode,
+        make_metric=make_metric, max_steps=args.max_steps, stop_after_epochs=args.stop_after_epochs,
+        time_limit_min=args.time_limit, log=log)
+    return load_best_weights(state, run_dir, rt)
 
 
 def _fmt(v) -> str:
@@ -772,6 +816,20 @@ def plot_filters(weight: torch.Tensor, path: Path, title: str) -> None:
     ax.axis("off")
     ax.set_title(title)
     save_figure(fig, path)
+
+
+def summarize_training(run_dir: Path, results: dict, accuracy_label: str) -> list[dict]:
+    """Add epochs/time/rate from metrics.csv to ``results`` and plot the loss and accuracy curves."""
+    rows = read_csv(run_dir / "metrics.csv")
+    if rows:
+        results["epochs_trained"] = rows[-1]["epoch"]
+        results["train_time_s"] = sum(r["epoch_time_s"] for r in rows)
+        results["train_images_per_s"] = sum(r["train_images_per_s"] for r in rows) / len(rows)
+        fig = run_dir / "figures"
+        plot_curves(rows, ["train_loss", "val_loss"], fig / "loss_curve.png", "loss", "Loss per epoch")
+        plot_curves(rows, ["train_accuracy", "val_accuracy"], fig / "accuracy_curve.png", accuracy_label,
+                    f"{accuracy_label.capitalize()} per epoch")
+    return rows
 
 
 # ----------------------------------------------------------------------------- report

@@ -24,7 +24,11 @@ import datasets  # noqa: E402  (needs the repo on sys.path)
 # ----------------------------------------------------------------------------- real data
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    return Path(os.environ.get("DATA_DIR") or (REPO.parent / "shared" / "data"))
+    """DATA_DIR, else the repository's data/ (the scripts' default), else ../shared/data."""
+    if os.environ.get("DATA_DIR"):
+        return Path(os.environ["DATA_DIR"])
+    local = REPO / "data"
+    return local if (local / "fashion-mnist").exists() or (local / "facade").exists() else REPO.parent / "shared" / "data"
 
 
 def _missing(msg: str):

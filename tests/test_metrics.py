@@ -124,10 +124,11 @@ def test_pixel_scores_absent_class_is_nan_and_skipped_in_mean():
     assert out["mean_ap"] == pytest.approx((out["ap"][0] + out["ap"][1]) / 2)
 
 
-def test_precision_recall_points_end_at_full_recall():
+def test_precision_recall_curve_ends_at_full_recall():
     y = torch.tensor([1, 0, 1, 1, 0, 0])
     s = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    recall, precision = utils.precision_recall_points(y, s)
+    curve = utils.subsample_curve(*utils.precision_recall_steps(y, s))
+    recall, precision = curve["recall"], curve["precision"]
     assert recall[-1] == pytest.approx(1.0) and precision[-1] == pytest.approx(0.5)
     assert recall[0] == pytest.approx(1 / 3) and precision[0] == pytest.approx(1.0)
     assert np.all(np.diff(recall) >= 0)

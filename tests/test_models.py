@@ -79,3 +79,31 @@ def test_build_model_unknown_name():
 def test_models_for_tasks():
     assert sorted(models.models_for("classification")) == ["fashion_net", "sigmoid_cnn"]
     assert sorted(models.models_for("segmentation")) == ["facade_fcn", "unet"]
+
+
+@pytest.mark.parametrize("name,shape,target_shape", [
+    ("fashion_net", (16, 1, 28, 28), (16,)),
+    ("unet", (2, 3, 32, 32), (2, 32, 32)),
+])
+def test_overfits_one_batch(name, shape, target_shape):
+    """The improved models memorise one fixed random batch in 30 steps: the loss must halve."""
+    torch.manual_seed(0)
+    model = models.build_model(name, num_classes=10 if len(target_shape) == 1 else 5)
+    x = torch.randn(shape)
+    y = torch.randint(0, 10 if len(target_shape) == 1 else 5, target_shape)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_unet_flops_below_reference():
+    ref = models.forward_flops(models.build_model("facade_fcn"), (1, 3, 256, 256))
+    unet = models.forward_flops(models.build_model("unet"), (1, 3, 256, 256))
+    assert unet < 0.7 * ref  # 24.2 vs 38.8 GFLOP

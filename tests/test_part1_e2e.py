@@ -206,3 +206,19 @@ def test_val_fraction_zero_tests_the_final_epoch(make_fashion_root, tmp_path):
               "--eval-batch-size", 20, "--output-dir", out)
     res = utils.read_json(out / "results.json")
     assert res["checkpoint_epoch"] == 3, f"tested the weights of epoch {res['checkpoint_epoch']} of 3"
+
+
+def test_fashion_net_smoke(fashion_root, tmp_path):
+    """The improved model end to end (2 short epochs with its recipe's augmentation and label smoothing)."""
+    out = tmp_path / "fn"
+    run_part1("--data-root", fashion_root, "--model", "fashion_net", "--train-limit", 600, "--epochs", 2,
+              "--output-dir", out)
+    res = utils.read_json(out / "results.json")
+    assert res["model"] == "fashion_net" and res["parameters"] == 584874
+    assert 0 <= res["test_accuracy"] <= 1
+    rows = utils.read_csv(out / "metrics.csv")
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    args = utils.read_json(out / "args.json")
+    assert args["augment"] == "translate_flip" and args["label_smoothing"] == 0.1 and args["optimizer"] == "adamw"
+    for fig in part1_classify.FIGURES:
+        assert (out / fig).is_file(), fig

@@ -171,7 +171,7 @@ def test_predict_cli(part2_run, tmp_path):
     net = models.build_model(ck["model_name"], **ck["model_kwargs"])
     net.load_state_dict(ck["model"])
     net.eval()
-    rgb = np.asarray(Image.open(img2).convert("RGB"))
+    rgb = np.array(Image.open(img2).convert("RGB"))
     x = datasets.normalize(torch.from_numpy(rgb).permute(2, 0, 1)[None], ck["normalization"]["mean"], ck["normalization"]["std"])
     with torch.no_grad():
         pred = net(torch.nn.functional.pad(x, (0, 1, 0, 1), mode="reflect"))[..., :45, :67].argmax(1)[0]

@@ -1,0 +1,110 @@
+"""torchrun (2 gloo processes on the CPU) against one process, and bf16 AMP on the CPU."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import part1_classify
+import part2_segment
+import utils
+from conftest import REPO
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(script: str, *args: str) -> None:
+    proc = subprocess.run([*TORCHRUN, script, *args, "--threads", "1", "--no-progress"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def part1(*args: str) -> dict:
+    return part1_classify.main(part1_classify.get_args_parser().parse_args([*args, "--no-progress"]))
+
+
+def part2(*args: str) -> dict:
+    return part2_segment.main(part2_segment.get_args_parser().parse_args([*args, "--no-progress"]))
+
+
+def assert_rows_close(rows_a, rows_b, keys, tol):
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], abs=tol), (k, a, b)
+
+
+@pytest.fixture(scope="module")
+def part1_runs(fashion_root, tmp_path_factory):
+    """The same training as 2 processes x batch 100 and as 1 process x batch 200."""
+    base = tmp_path_factory.mktemp("ddp1")
+    common = ["--data-root", str(fashion_root), "--train-limit", "1000", "--epochs", "2", "--eval-batch-size", "300"]
+    torchrun("part1_classify.py", *common, "--batch-size", "100", "--output-dir", str(base / "ddp"))
+    part1(*common, "--batch-size", "200", "--output-dir", str(base / "single"), "--threads", "2")
+    return base, common
+
+
+def test_part1_ddp_training_matches_single_process(part1_runs):
+    base, _ = part1_runs
+    ddp, single = utils.read_csv(base / "ddp" / "metrics.csv"), utils.read_csv(base / "single" / "metrics.csv")
+    assert_rows_close(ddp, single, ["train_loss", "val_loss", "lr"], 1e-4)
+    assert_rows_close(ddp, single, ["train_accuracy", "val_accuracy"], 2e-3)  # a sample may flip at a tie
+    assert "global batch 200" in (base / "ddp" / "log.txt").read_text()
+
+
+def test_part1_ddp_evaluation_equals_single_process(part1_runs, tmp_path):
+    base, common = part1_runs
+    ddp = utils.read_json(base / "ddp" / "results.json")
+    single_eval = part1(*common, "--eval-only", str(base / "ddp" / "checkpoints" / "best.pt"), "--output-dir", str(tmp_path))
+    assert ddp["confusion_matrix"] == single_eval["confusion_matrix"]
+    assert sum(map(sum, ddp["confusion_matrix"])) == 10000  # every test image once, no sampler padding
+    assert ddp["test_accuracy"] == single_eval["accuracy"]
+
+
+def test_part1_resume_under_torchrun(part1_runs, tmp_path):
+    base, common = part1_runs
+    run = tmp_path / "resumed"
+    torchrun("part1_classify.py", *common, "--batch-size", "100", "--output-dir", str(run), "--stop-after-epochs", "1")
+    assert len(utils.read_csv(run / "metrics.csv")) == 1
+    torchrun("part1_classify.py", *common, "--batch-size", "100", "--resume", str(run / "checkpoints" / "last.pt"))
+    resumed, straight = utils.read_csv(run / "metrics.csv"), utils.read_csv(base / "ddp" / "metrics.csv")
+    assert_rows_close(resumed, straight, ["train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr"], 1e-9)
+    assert utils.read_json(run / "results.json")["test_accuracy"] == utils.read_json(base / "ddp" / "results.json")["test_accuracy"]
+
+
+def test_part2_ddp_matches_single_process(synthetic_facade, tmp_path):
+    common = ["--data", str(synthetic_facade), "--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "0", "2",
+              "--epochs", "2", "--eval-batch-size", "2"]
+    torchrun("part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "ddp"))
+    part2(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "single"), "--threads", "2")
+    ddp_rows, single_rows = utils.read_csv(tmp_path / "ddp" / "metrics.csv"), utils.read_csv(tmp_path / "single" / "metrics.csv")
+    assert_rows_close(ddp_rows, single_rows, ["train_loss", "val_loss"], 1e-4)
+    ddp = utils.read_json(tmp_path / "ddp" / "results.json")
+    again = part2(*common, "--eval-only", str(tmp_path / "ddp" / "checkpoints" / "best.pt"), "--output-dir", str(tmp_path / "eval"))
+    assert ddp["confusion_matrix"] == again["confusion_matrix"]
+    assert list(ddp["ap"].values()) == pytest.approx(again["ap"], abs=1e-6, nan_ok=True)
+    assert ddp["mean_ap"] == pytest.approx(again["mean_ap"], abs=1e-6)
+
+
+def test_bf16_amp_on_cpu(fashion_root, synthetic_facade, tmp_path):
+    r1 = part1("--data-root", str(fashion_root), "--train-limit", "1000", "--epochs", "1", "--amp", "--channels-last",
+               "--output-dir", str(tmp_path / "p1"))
+    assert 0.05 < r1["accuracy"] <= 1
+    ckpt = torch.load(tmp_path / "p1" / "checkpoints" / "last.pt", weights_only=False)
+    assert "scaler" in ckpt and ckpt["args"]["amp"] and ckpt["args"]["amp_dtype"] == "bf16"
+    rows = utils.read_csv(tmp_path / "p1" / "metrics.csv")
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    r2 = part2("--data", str(synthetic_facade), "--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "0", "2",
+               "--epochs", "1", "--batch-size", "4", "--amp", "--output-dir", str(tmp_path / "p2"))
+    assert 0 < r2["mean_ap"] <= 1
+
+
+def test_fp16_needs_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the check is for CPU-only machines")
+    proc = subprocess.run([sys.executable, "part1_classify.py", "--amp", "--amp-dtype", "fp16", "--device", "cpu",
+                           "--output-dir", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "fp16" in proc.stderr
+    assert "Traceback" not in proc.stderr
