@@ -15,7 +15,6 @@ after the same short training in fp32 and with AMP. Prints a table; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path

@@ -25,7 +25,6 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 
