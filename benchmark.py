@@ -8,7 +8,7 @@
 Naive pipelines (written here, as a first implementation would be):
   Part 1: a torchvision-style Dataset (uint8 -> PIL -> ToTensor -> Normalize per sample) and a DataLoader.
   Part 2: batch size 1 with one-hot (5, H, W) int64 labels, fp32, for training and evaluation.
-Ours: datasets.TensorLoader + utils.train_one_epoch / utils.evaluate, fp32 and --amp.
+Ours: datasets.TensorLoader + engine.train_one_epoch / engine.evaluate, fp32 and --amp.
 Also reports each rate as a fraction of this machine's measured matmul peak and, for Part 2, mean AP
 after the same short training in fp32 and with AMP. Prints a table; writes JSON.
 """
@@ -18,7 +18,6 @@ import argparse
 import platform
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -26,7 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import datasets
+import engine
 import utils
+from metrics import PixelScores
 from models import build_model, forward_flops
 
 
@@ -51,9 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def runtime(device: str, amp_dtype: str | None, channels_last: bool) -> utils.Runtime:
-    ns = SimpleNamespace(device=device, amp=amp_dtype is not None, amp_dtype=amp_dtype or "bf16",
-                         channels_last=channels_last, threads=None, no_progress=True)
-    return utils.setup_runtime(ns)
+    return utils.setup_runtime(device=device, amp=amp_dtype is not None,
+                               amp_dtype=amp_dtype or "bf16", channels_last=channels_last,
+                               progress=False)
 
 
 def sync(device: torch.device) -> None:
@@ -148,19 +149,20 @@ def naive_eval(model, loader, device, steps: int) -> int:
 
 # ----------------------------------------------------------------------------- our pipeline
 def ours_train(model, loader, rt, steps: int, compile_model=False) -> float:
-    net, _ = utils.prepare_model(model, rt, compile_model)
+    net, _ = utils.prepare_model(model, rt, compile_model=compile_model)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    loss_fn = lambda logits, y: F.cross_entropy(logits, y)  # noqa: E731
-    utils.train_one_epoch(net, loader, loss_fn, opt, rt, 0, max_steps=2)  # warm-up (and compile)
-    result = utils.train_one_epoch(net, loader, loss_fn, opt, rt, 0, max_steps=steps)
+    sched = engine.build_scheduler(opt, "constant", steps)
+    loss_fn = engine.CrossEntropy()
+    engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=2)  # warm-up, compile
+    result = engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=steps)
     return result["images_per_s"]
 
 
 def ours_eval(model, loader, rt, compile_model=False) -> float:
-    net, _ = utils.prepare_model(model, rt, compile_model)
+    net, _ = utils.prepare_model(model, rt, compile_model=compile_model)
     with torch.inference_mode(), rt.autocast():  # warm-up (and compile) on one batch
         net.eval()(rt.to_input(next(iter(loader))[0]))
-    return utils.evaluate(net, loader, F.cross_entropy, rt)["images_per_s"]
+    return engine.evaluate(net, loader, engine.CrossEntropy(), rt)["images_per_s"]
 
 
 # ----------------------------------------------------------------------------- parts
@@ -255,13 +257,15 @@ def ap_check(args, device, images, labels, test, mean, std, cuda) -> dict:
         torch.manual_seed(0)
         net, _ = utils.prepare_model(build_model("facade_fcn"), rt)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
+        sched = engine.build_scheduler(opt, "constant", steps)
         loader = datasets.TensorLoader(images.to(rt.device), labels.to(rt.device), 8, mean=mean, std=std, train=True)
         done = 0
         while done < steps:
             loader.set_epoch(done)
-            done += utils.train_one_epoch(net, loader, F.cross_entropy, opt, rt, 0, max_steps=steps - done)["images"] // 8
+            done += engine.train_one_epoch(net, loader, engine.CrossEntropy(), opt, sched, rt, 0,
+                                           max_steps=steps - done)["images"] // 8
         test_loader = datasets.TensorLoader(test[0].to(rt.device), test[1].to(rt.device), 10, mean=mean, std=std, train=False)
-        result = utils.evaluate(net, test_loader, F.cross_entropy, rt, utils.PixelScores(5))
+        result = engine.evaluate(net, test_loader, engine.CrossEntropy(), rt, PixelScores(5))
         out[amp or "fp32"] = result["mean_ap"]
     return out
 

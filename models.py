@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def float32_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run the last layer in fp32 even under autocast: accuracy and AP are computed from these
+    scores, and bf16's 8-bit mantissa would make millions of pixel scores tie."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
 class SigmoidCNN(nn.Module):
     """Reference Part 1 model. (B,1,28,28) -> conv 3x3 (26) -> pool (13) -> conv 3x3 (11) -> pool (5)
     -> 32*5*5 = 800 -> 120 -> 84 -> 10. The reference printout omits fc2, but fc3 takes 84 inputs, so fc2
@@ -33,7 +40,7 @@ class SigmoidCNN(nn.Module):
         x = torch.flatten(x, 1)
         x = torch.sigmoid(self.fc1(x))
         x = torch.sigmoid(self.fc2(x))
-        return self.fc3(x)
+        return float32_layer(self.fc3, x)
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
@@ -59,7 +66,8 @@ class FashionNet(nn.Module):
                                   nn.Linear(256, num_classes))
 
     def forward(self, x):
-        return self.head(self.features(self.conv2(self.conv1(x))))
+        x = self.head[:-1](self.features(self.conv2(self.conv1(x))))
+        return float32_layer(self.head[-1], x)
 
 
 class FacadeFCN(nn.Module):
@@ -83,7 +91,7 @@ class FacadeFCN(nn.Module):
         )
 
     def forward(self, x):
-        return self.layers(x)
+        return float32_layer(self.layers[-1], self.layers[:-1](x))
 
 
 class UNet(nn.Module):
@@ -110,7 +118,7 @@ class UNet(nn.Module):
         x = skips.pop()
         for up, merge in zip(self.up, self.merge):
             x = merge(torch.cat([up(x), skips.pop()], dim=1))
-        return self.head(x)
+        return float32_layer(self.head, x)
 
 
 MODELS = {
@@ -126,6 +134,13 @@ def build_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     return MODELS[name][0](**kwargs)
+
+
+def from_checkpoint(ckpt: dict) -> nn.Module:
+    """The network a checkpoint describes, with its weights."""
+    model = build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def models_for(task: str) -> list[str]:

@@ -4,7 +4,8 @@
     python part1_classify.py --model fashion_net              # improved model
     python part1_classify.py --eval-only RUN/checkpoints/best.pt
     torchrun --standalone --nproc_per_node=2 part1_classify.py --batch-size 250
-    torchrun --nnodes=2 --node-rank=0 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 part1_classify.py
+    torchrun --nnodes=2 --node-rank=0 --nproc_per_node=8 --rdzv-backend=c10d \\
+             --rdzv-endpoint=HOST:29500 part1_classify.py
 
 Writes one run folder: args.json, log.txt, metrics.csv, results.json, report.html, figures/*.png,
 checkpoints/{last,best}.pt.
@@ -15,184 +16,218 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+import cli
 import datasets
+import engine
+import models
+import report
 import utils
-from models import build_model, count_parameters, models_for
+from metrics import ConfusionMatrix
 
+TASK, OUTPUT_ROOT = "classification", "outputs/part1"
+NAMES = datasets.FASHION_CLASSES
+REFERENCE_MEAN_PER_CLASS_ACCURACY = 0.862  # the reference report's sigmoid CNN
+DEFAULTS = {"model": "sigmoid_cnn", "data_root": "data/fashion-mnist", "val_fraction": 0.2}
 # Per-model training recipes: flags left unset take these values.
 RECIPES = {
-    # Reference batch and optimiser; a 10x higher peak LR with warm-up and cosine decay is what lets the
-    # sigmoid network train (Adam 1e-3 for 10 epochs: 79.8%). Augmentation only slows it at this size.
-    "sigmoid_cnn": dict(epochs=30, batch_size=500, lr=1e-2, weight_decay=0.0, optimizer="adam", schedule="cosine",
-                        warmup_epochs=1, label_smoothing=0.0, augment="none"),
-    "fashion_net": dict(epochs=40, batch_size=128, lr=2e-3, weight_decay=5e-2, optimizer="adamw", schedule="cosine",
-                        warmup_epochs=1, label_smoothing=0.1, augment="translate_flip"),
+    # Reference batch and optimiser; a 10x higher peak LR with warm-up and cosine decay is what
+    # lets the sigmoid network train (Adam 1e-3 for 10 epochs: 79.8%). Augmentation only slows
+    # it at this size.
+    "sigmoid_cnn": dict(epochs=30, batch_size=500, lr=1e-2, weight_decay=0.0, optimizer="adam",
+                        schedule="cosine", warmup_epochs=1, label_smoothing=0.0, augment="none"),
+    "fashion_net": dict(epochs=40, batch_size=128, lr=2e-3, weight_decay=5e-2, optimizer="adamw",
+                        schedule="cosine", warmup_epochs=1, label_smoothing=0.1,
+                        augment="translate_flip"),
 }
 AUGMENTATIONS = {"none": None, "translate_flip": datasets.random_translate_flip}
-FIGURES = ["figures/accuracy_curve.png", "figures/loss_curve.png", "figures/per_class_accuracy.png",
-           "figures/confusion_matrix.png", "figures/correct_examples.png", "figures/incorrect_examples.png",
-           "figures/conv1_filters.png", "figures/conv2_filters.png"]
+FIGURES = [
+    *report.TRAINING_FIGURES,
+    report.Figure("figures/per_class_accuracy.png", "Per-class test accuracy",
+                  "Share of each class's 1,000 test images classified correctly."),
+    report.CONFUSION_FIGURE,
+    report.Figure("figures/correct_examples.png", "Correctly classified test images",
+                  "The first two correctly classified test images of every class."),
+    report.Figure("figures/incorrect_examples.png", "Misclassified test images",
+                  "The first two misclassified test images of every class, with what the "
+                  "network took them for."),
+    report.Figure("figures/conv1_filters.png", "First-layer filters",
+                  "The 32 learned 3x3 kernels of conv1, each scaled to its own range."),
+    report.Figure("figures/conv2_filters.png", "Second-layer filters",
+                  "conv2's kernels: a row per output channel, a column per input channel."),
+]
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train and evaluate a Fashion-MNIST classifier (Part 1).",
-                                     add_help=add_help)
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = cli.main_parser("Train and test a Fashion-MNIST classifier (Part 1).")
     d = parser.add_argument_group("data")
-    d.add_argument("--data-root", default="data/fashion-mnist", metavar="DIR",
-                   help="folder with the four Fashion-MNIST IDX files, .gz or raw (default: data/fashion-mnist)")
-    d.add_argument("--no-download", action="store_true", help="never try to download missing files")
-    d.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
-                   help="fraction of the training images held out for validation (default: 0.2)")
-    d.add_argument("--train-limit", type=int, default=None, metavar="N",
+    d.add_argument("--data-root", metavar="DIR",
+                   help="folder with the four Fashion-MNIST IDX files, .gz or raw "
+                        f"(default: {DEFAULTS['data_root']})")
+    d.add_argument("--no-download", action="store_true", help="never try to download files")
+    d.add_argument("--val-fraction", type=cli.float_in(0, 1, high_open=True), metavar="F",
+                   help="share of the training images held out for validation (default: 0.2)")
+    d.add_argument("--train-limit", type=cli.POSITIVE_INT, metavar="N",
                    help="use only the first N of the 60,000 training images (before the split)")
-    d.add_argument("--augment", default=None, choices=sorted(AUGMENTATIONS),
-                   help="training augmentation (default: per model; translate_flip = shift <=2 px + left-right flip)")
-    utils.add_common_args(parser, epochs=None, batch_size=None, lr=None, weight_decay=None, eval_batch_size=2000,
-                          model="sigmoid_cnn", models=models_for("classification"), output_root="outputs/part1")
-    r = parser.add_argument_group("recipe (default: per model, see RECIPES in this file)")
-    r.add_argument("--optimizer", default=None, choices=["adam", "adamw", "sgd"], help="optimiser")
-    r.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear"],
-                   help="learning-rate schedule after warm-up, stepped every batch")
-    r.add_argument("--warmup-epochs", type=float, default=None, metavar="E", help="linear warm-up length in epochs")
-    r.add_argument("--label-smoothing", type=float, default=None, metavar="S", help="cross-entropy label smoothing")
+    d.add_argument("--augment", choices=sorted(AUGMENTATIONS),
+                   help="training augmentation (default: per model; translate_flip = shifts of "
+                        "up to 2 px and left-right flips)")
+    cli.add_common_args(parser, models=models.models_for(TASK), default_model=DEFAULTS["model"],
+                        eval_batch_size=2000, output_root=OUTPUT_ROOT)
+    parser.add_argument("--label-smoothing", type=cli.float_in(0, 1, high_open=True),
+                        metavar="S", help="cross-entropy label smoothing (default: per model)")
     return parser
 
 
-def apply_recipe(args, ckpt: dict | None = None) -> None:
-    for key, value in RECIPES[args.model].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if not 0 <= args.val_fraction < 1:
-        raise utils.UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-
-
-def load_data(args, rt: utils.Runtime):
-    """Train/val/test uint8 tensors on the device, plus the normalisation from the training split."""
+def load_data(args, rt: utils.Runtime, ckpt: dict | None):
+    """Train/val/test uint8 tensors on the device, and the normalisation: the training split's
+    mean and std, or the checkpoint's (--eval-only tests on the test set alone)."""
     root = Path(args.data_root)
     if rt.is_main:
         root = datasets.locate_fashion_mnist(root, download=not args.no_download, log=print)
     if rt.distributed:  # rank 0 may have downloaded; the others then read what it found
         torch.distributed.barrier()
-        root = datasets.locate_fashion_mnist(Path(args.data_root), download=False, log=lambda *_: None)
+        root = datasets.locate_fashion_mnist(Path(args.data_root), download=False, log=print)
+    test = datasets.load_fashion_split(root, "test")
+    empty = (test[0][:0], test[1][:0])
+    if args.eval_only:
+        splits = {"train": empty, "val": empty, "test": test}
+        return {k: tuple(t.to(rt.device) for t in v) for k, v in splits.items()}, \
+            ckpt["normalization"]
     train_x, train_y = datasets.load_fashion_split(root, "train")
-    test_x, test_y = datasets.load_fashion_split(root, "test")
-    if args.train_limit:
-        train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
+    train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
     train_idx, val_idx = datasets.split_train_val(len(train_x), args.val_fraction, args.seed)
     if len(train_idx) == 0:
-        raise utils.UserError("no training images left after the split (raise --train-limit or lower --val-fraction)")
+        raise utils.UserError("no training images left after the split "
+                              "(raise --train-limit or lower --val-fraction)")
     mean, std = datasets.channel_stats(train_x[train_idx])
-    on = lambda t: t.to(rt.device)  # noqa: E731 - the whole set fits in device memory
-    splits = {"train": (on(train_x[train_idx]), on(train_y[train_idx])),
-              "val": (on(train_x[val_idx]), on(train_y[val_idx])), "test": (on(test_x), on(test_y))}
-    return splits, {"mean": mean, "std": std}
+    splits = {"train": (train_x[train_idx], train_y[train_idx]),
+              "val": (train_x[val_idx], train_y[val_idx]), "test": test}
+    return ({k: tuple(t.to(rt.device) for t in v) for k, v in splits.items()},
+            {"mean": mean, "std": std})
 
 
-def build_loaders(args, rt, splits, normalization):
-    common = dict(mean=normalization["mean"], std=normalization["std"], seed=args.seed, rank=rt.rank, world_size=rt.world_size)
-    train = datasets.TensorLoader(*splits["train"], args.batch_size, train=True, augment=AUGMENTATIONS[args.augment], **common)
+def build_loaders(args, rt: utils.Runtime, splits: dict, normalization: dict):
+    common = dict(mean=normalization["mean"], std=normalization["std"], seed=args.seed,
+                  rank=rt.rank, world_size=rt.world_size)
+    train = datasets.TensorLoader(*splits["train"], args.batch_size, train=True,
+                                  augment=AUGMENTATIONS[args.augment], **common)
     val = datasets.TensorLoader(*splits["val"], args.eval_batch_size, train=False, **common)
     test = datasets.TensorLoader(*splits["test"], args.eval_batch_size, train=False, **common)
     return train, val, test
 
 
-def main(args) -> dict | None:
+def main(args) -> dict:
+    """Train (or --resume, or --eval-only), test the best epoch, write the run folder; returns
+    what results.json holds (rank 0) or the raw test metrics (other ranks)."""
     if args.report_only:
-        return write_outputs(Path(args.report_only), None, None, None, None)
-    return utils.run_task(args, "classification", apply_recipe, run)
-
-
-def run(args, rt: utils.Runtime, ckpt: dict | None) -> dict | None:
-    splits, normalization = load_data(args, rt)  # before the run folder: bad data leaves nothing behind
-    run_dir, log = utils.start_run(args, rt, "outputs/part1")
-    utils.seed_everything(args.seed)
-    if ckpt is not None:
-        normalization = ckpt["normalization"]
+        return rebuild_report(Path(args.report_only))
+    ckpt_path = args.resume or args.eval_only
+    ckpt = utils.load_checkpoint(ckpt_path, task=TASK) if ckpt_path else None
+    cli.resolve_args(args, defaults=DEFAULTS, recipes=RECIPES, ckpt=ckpt)
+    rt = utils.setup_runtime(device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
+                             channels_last=args.channels_last, threads=args.threads,
+                             progress=not args.no_progress)
+    utils.seed_everything(args.seed + rt.rank)  # per-rank dropout masks; DDP syncs the weights
+    splits, normalization = load_data(args, rt, ckpt)  # bad data stops before the run folder
     train_loader, val_loader, test_loader = build_loaders(args, rt, splits, normalization)
-    model, model_without_ddp = utils.prepare_model(build_model(args.model, num_classes=10), rt, args.compile)
-    loss_fn = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)  # noqa: E731
-    extra = {"model_name": args.model, "model_kwargs": {"num_classes": 10}, "args": vars(args),
-             "normalization": normalization, "class_names": datasets.FASHION_CLASSES, "task": "classification"}
-    state = utils.build_train_state(model, model_without_ddp, args, train_loader, loss_fn, extra)
+    run_dir, log = utils.start_run(args, rt, OUTPUT_ROOT)
+    net = models.build_model(args.model, num_classes=len(NAMES))
+    model, model_without_ddp = utils.prepare_model(net, rt, compile_model=args.compile,
+                                                   sync_bn=args.sync_bn)
+    loss_fn = engine.CrossEntropy(label_smoothing=args.label_smoothing)
     log.info("model %s: %d parameters; %d train / %d val / %d test images", args.model,
-             count_parameters(model_without_ddp), len(splits["train"][0]), len(splits["val"][0]), len(splits["test"][0]))
-    ckpt_path, ckpt_epoch = utils.train_or_load(state, args, ckpt, rt, run_dir, train_loader, val_loader,
-                                                best_key="val_accuracy", best_mode="max",
-                                                make_metric=lambda: utils.ConfusionMatrix(10), log=log)
-    results = test_and_collect(model, test_loader, loss_fn, rt)
-    if rt.is_main:
-        results.update(checkpoint=str(ckpt_path), checkpoint_epoch=ckpt_epoch, model=args.model,
-                       parameters=count_parameters(model_without_ddp), normalization=normalization)
-        write_outputs(run_dir, results, model_without_ddp, splits["test"], log)
-    utils.close_logger(log)
-    return results
-
-
-def test_and_collect(model, loader, loss_fn, rt) -> dict:
-    """Test metrics (exact across ranks) plus every test prediction in dataset order."""
-    preds = []
-    metrics = utils.evaluate(model, loader, loss_fn, rt, utils.ConfusionMatrix(10), desc="test",
-                             on_batch=lambda x, y, logits: preds.append(logits.argmax(1)))
-    local = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=rt.device)
-    metrics["predictions"] = utils.gather_in_dataset_order(local, len(loader.images), rt).cpu()
-    return metrics
-
-
-def write_outputs(run_dir: Path, results: dict | None, model, test_split, log) -> dict:
-    """results.json, figures and report.html. With results=None (--report-only) the saved
-    results.json / metrics.csv are re-plotted and the report rebuilt; example and filter figures are kept."""
-    names = datasets.FASHION_CLASSES
-    fig = run_dir / "figures"
-    if results is None:
-        if not (run_dir / "results.json").is_file():
-            raise utils.UserError(f"{run_dir} has no results.json: not a finished Part 1 run folder")
-        results = utils.read_json(run_dir / "results.json")
+             models.count_parameters(net), *(len(splits[s][0]) for s in ("train", "val", "test")))
+    if args.eval_only:
+        model_without_ddp.load_state_dict(ckpt["model"])
+        tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
-        predictions = results.pop("predictions")
-        results = {"test_accuracy": results["accuracy"], "mean_per_class_accuracy": results["mean_per_class_accuracy"],
-                   "per_class_accuracy": dict(zip(names, results["per_class_accuracy"])), "test_loss": results["loss"],
-                   "confusion_matrix": results["confusion_matrix"],
-                   **{k: results[k] for k in ("checkpoint", "checkpoint_epoch", "model", "parameters", "normalization")}}
-        plot_examples(test_split, predictions, fig)
-        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][:2]
-        for k, conv in enumerate(convs, 1):
-            utils.plot_filters(conv.weight, fig / f"conv{k}_filters.png",
-                               f"conv{k} filters ({conv.out_channels} x {conv.in_channels} of {conv.kernel_size[0]}x{conv.kernel_size[1]})")
-    rows = utils.summarize_training(run_dir, results, "accuracy")
-    utils.write_json(run_dir / "results.json", results)
-    per_class = list(results["per_class_accuracy"].items())
-    utils.plot_bars([n for n, _ in per_class], [v for _, v in per_class], fig / "per_class_accuracy.png",
-                    "test accuracy", "Per-class test accuracy")
-    utils.plot_confusion(results["confusion_matrix"], names, fig / "confusion_matrix.png", "Test confusion matrix (row-normalised)")
-    summary = {"model": results["model"], "test accuracy": f"{results['test_accuracy']:.4f}",
-               "mean per-class accuracy": f"{results['mean_per_class_accuracy']:.4f}",
-               "checkpoint": f"{results['checkpoint']} (epoch {results['checkpoint_epoch']})"}
-    if rows:
-        summary.update({"epochs": results["epochs_trained"], "training time": f"{results['train_time_s']:.0f} s",
-                        "training images/s": f"{results['train_images_per_s']:.0f}"})
-    report = utils.write_report(run_dir, "Part 1: Fashion-MNIST classification", summary,
-                                [("Per-class test accuracy", ["class", "accuracy"], [[n, f"{v:.1%}"] for n, v in per_class])], FIGURES)
-    lines = [f"{n} = {100 * v:.1f}%" for n, v in per_class] + [f"Mean per-class accuracy = {100 * results['mean_per_class_accuracy']:.2f}%",
-                                                             f"Test accuracy = {100 * results['test_accuracy']:.2f}%", f"Report: {report}"]
-    (log.info if log else print)("\n".join(lines))
+        meta = {"task": TASK, "model_name": args.model, "model_kwargs": {"num_classes": len(NAMES)},
+                "class_names": NAMES, "normalization": normalization, "args": vars(args)}
+        tested = engine.fit(args, rt, (model, model_without_ddp), (train_loader, val_loader),
+                            loss_fn, run_dir, log, meta, ckpt, select=("val_accuracy", "max"))
+    results = engine.evaluate(model_without_ddp, test_loader, loss_fn, rt,
+                              ConfusionMatrix(len(NAMES), keep_predictions=True), desc="test")
+    if rt.is_main:
+        results = write_outputs(run_dir, results | tested | {"model": args.model},
+                                model_without_ddp, splits["test"], normalization, log)
+    utils.close_logger(log)
+    utils.cleanup_runtime(rt)
     return results
 
 
-def plot_examples(test_split, predictions: torch.Tensor, fig_dir: Path, per_class: int = 2) -> None:
-    """Two correctly and two wrongly classified test images of every class, titled true/predicted."""
+def write_outputs(run_dir: Path, test: dict, model, test_split, normalization: dict, log) -> dict:
+    """results.json, every figure and report.html of a finished training or --eval-only."""
+    figures = run_dir / "figures"
+    plot_examples(test_split, test["predictions"], figures)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][:2]
+    for k, conv in enumerate(convs, 1):
+        shape = f"{conv.out_channels} x {conv.in_channels} of {conv.kernel_size[0]}x{conv.kernel_size[1]}"
+        report.plot_filters(conv.weight, figures / f"conv{k}_filters.png", f"conv{k} filters ({shape})")
+    results = {"task": TASK, "test_accuracy": test["accuracy"],
+               "mean_per_class_accuracy": test["mean_per_class_accuracy"],
+               "per_class_accuracy": dict(zip(NAMES, test["per_class_accuracy"])),
+               "test_loss": test["loss"], "confusion_matrix": test["confusion_matrix"],
+               "checkpoint": test["checkpoint"], "checkpoint_epoch": test["checkpoint_epoch"],
+               "model": test["model"], "parameters": models.count_parameters(model),
+               "normalization": normalization}
+    return publish(run_dir, results, log)
+
+
+def rebuild_report(run_dir: Path) -> dict:
+    """--report-only: figures and report.html again from results.json and metrics.csv (example
+    and filter figures need the model and are kept as they are)."""
+    if not (run_dir / "results.json").is_file():
+        raise utils.UserError(f"{run_dir} has no results.json: not a finished Part 1 run folder")
+    results = utils.read_json(run_dir / "results.json")
+    if "test_accuracy" not in results:
+        raise utils.UserError(f"{run_dir} is not a Part 1 run folder")
+    return publish(run_dir, results, None)
+
+
+def publish(run_dir: Path, results: dict, log) -> dict:
+    results = report.add_training_summary(run_dir, results)
+    per_class = results["per_class_accuracy"]
+    report.plot_bars(list(per_class), list(per_class.values()),
+                     run_dir / "figures/per_class_accuracy.png", "test accuracy",
+                     "Per-class test accuracy")
+    return report.finish_run(run_dir, results, report_page(results), NAMES, log)
+
+
+def report_page(results: dict) -> report.Page:
+    reference = f"{REFERENCE_MEAN_PER_CLASS_ACCURACY:.1%}"
+    summary = [("model", results["model"], "sigmoid CNN"),
+               ("test accuracy", f"{results['test_accuracy']:.2%}", ""),
+               ("mean per-class accuracy", f"{results['mean_per_class_accuracy']:.2%}", reference),
+               ("tested checkpoint", f"{results['checkpoint']} (epoch "
+                                     f"{results['checkpoint_epoch']})", "")]
+    if "epochs_trained" in results:
+        summary += [("epochs", str(results["epochs_trained"]), ""),
+                    ("training time", f"{results['train_time_s'] / 60:.1f} min", ""),
+                    ("training images/s", f"{results['train_images_per_s']:.0f}", "")]
+    per_class = results["per_class_accuracy"]
+    lines = [f"{n} = {100 * v:.1f}%" for n, v in per_class.items()]
+    lines += [f"Mean per-class accuracy = {100 * results['mean_per_class_accuracy']:.2f}%",
+              f"Test accuracy = {100 * results['test_accuracy']:.2f}%"]
+    table = ("Per-class test accuracy", ["class", "accuracy"],
+             [[n, f"{v:.1%}"] for n, v in per_class.items()])
+    return report.Page("Part 1: Fashion-MNIST classification", summary, [table], FIGURES, lines)
+
+
+def plot_examples(test_split, predictions: torch.Tensor, fig_dir: Path, per_class: int = 2):
+    """Two correctly and two wrongly classified test images of every class, titled
+    true/predicted."""
     images, labels = test_split[0].cpu(), test_split[1].cpu()
-    names = datasets.FASHION_CLASSES
     for kind, want_correct in (("correct", True), ("incorrect", False)):
         picks = []
-        for c in range(len(names)):
+        for c in range(len(NAMES)):
             mask = (labels == c) & ((predictions == labels) == want_correct)
             picks.extend(torch.nonzero(mask).flatten()[:per_class].tolist())
-        titles = [f"true: {names[labels[i]]}\npred: {names[predictions[i]]}" for i in picks]
-        utils.plot_image_grid([images[i, 0].numpy() for i in picks], titles, fig_dir / f"{kind}_examples.png", cols=4,
-                              title=f"{kind.capitalize()} test examples ({per_class} per class)", cmap="gray",
-                              title_colors=["green" if want_correct else "red"] * len(picks))
+        titles = [f"true: {NAMES[labels[i]]}\npred: {NAMES[predictions[i]]}" for i in picks]
+        report.plot_image_grid([images[i, 0].numpy() for i in picks], titles,
+                               fig_dir / f"{kind}_examples.png", cols=4,
+                               title=f"{kind.capitalize()} test examples ({per_class} per class)",
+                               cmap="gray", title_colors=["green" if want_correct else "red"] * len(picks))
 
 
 if __name__ == "__main__":

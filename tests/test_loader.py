@@ -99,7 +99,7 @@ def test_eval_sharding_covers_every_sample_once(world):
 def test_gather_in_dataset_order_single_process():
     rt = utils.Runtime(device=torch.device("cpu"))
     t = torch.arange(7)
-    assert torch.equal(utils.gather_in_dataset_order(t, 7, rt), t)
+    assert torch.equal(utils.gather_in_dataset_order(t, rt), t)
 
 
 def test_random_translate_flip_pad0_is_identity_or_flip():

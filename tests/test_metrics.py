@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
+import metrics
 import utils
 
 
@@ -19,7 +20,7 @@ def _one_hot_logits(pred, n):
 def test_confusion_matrix_by_hand():
     target = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 1])
     pred = torch.tensor([0, 1, 0, 1, 2, 2, 2, 0, 2, 1])
-    cm = utils.ConfusionMatrix(3)
+    cm = metrics.ConfusionMatrix(3)
     cm.update(_one_hot_logits(pred[:4], 3), target[:4])   # two updates accumulate
     cm.update(_one_hot_logits(pred[4:], 3), target[4:])
     out = cm.compute()
@@ -34,7 +35,7 @@ def test_confusion_matrix_by_hand():
 
 
 def test_confusion_matrix_ignores_targets_out_of_range_and_handles_images():
-    cm = utils.ConfusionMatrix(2)
+    cm = metrics.ConfusionMatrix(2)
     logits = torch.zeros(1, 2, 2, 3)
     logits[0, 1, 0, :] = 1.0          # top row predicted class 1, bottom row class 0
     target = torch.tensor([[[1, 0, 255], [0, 2, 0]]])
@@ -46,7 +47,7 @@ def test_confusion_matrix_ignores_targets_out_of_range_and_handles_images():
 
 
 def test_confusion_matrix_reset():
-    cm = utils.ConfusionMatrix(2)
+    cm = metrics.ConfusionMatrix(2)
     cm.update(_one_hot_logits([0, 1], 2), torch.tensor([1, 1]))
     cm.reset()
     cm.update(_one_hot_logits([1], 2), torch.tensor([1]))
@@ -70,19 +71,19 @@ def test_average_precision_matches_sklearn(case, seed):
     scores = CASES[case](rng, n)
     y = rng.random(n) < (0.05 + 0.3 * seed)
     scores = scores + (y * 0.3).astype(scores.dtype)  # informative, so AP is far from the prevalence
-    ours = utils.average_precision(y, scores)
+    ours = metrics.average_precision(y, scores)
     ref = average_precision_score(y, scores)
     assert abs(ours - ref) < 1e-6, (ours, ref)
 
 
 def test_average_precision_torch_inputs_and_small_cases():
-    assert utils.average_precision(torch.tensor([1, 0, 1]), torch.tensor([0.9, 0.8, 0.7])) == pytest.approx(
+    assert metrics.average_precision(torch.tensor([1, 0, 1]), torch.tensor([0.9, 0.8, 0.7])) == pytest.approx(
         average_precision_score([1, 0, 1], [0.9, 0.8, 0.7]))
     # one tie group containing everything: AP = prevalence
-    assert utils.average_precision(np.array([1, 0, 0, 0]), np.zeros(4)) == pytest.approx(0.25)
-    assert utils.average_precision(np.array([1, 1]), np.array([0.1, 0.2])) == pytest.approx(1.0)
-    assert utils.average_precision(np.array([0, 1]), np.array([0.3, 0.2])) == pytest.approx(0.5)
-    assert math.isnan(utils.average_precision(np.zeros(5, bool), np.arange(5.0)))
+    assert metrics.average_precision(np.array([1, 0, 0, 0]), np.zeros(4)) == pytest.approx(0.25)
+    assert metrics.average_precision(np.array([1, 1]), np.array([0.1, 0.2])) == pytest.approx(1.0)
+    assert metrics.average_precision(np.array([0, 1]), np.array([0.3, 0.2])) == pytest.approx(0.5)
+    assert math.isnan(metrics.average_precision(np.zeros(5, bool), np.arange(5.0)))
 
 
 def test_pixel_scores_match_sklearn():
@@ -92,7 +93,7 @@ def test_pixel_scores_match_sklearn():
     labels = torch.randint(0, c, (b, h, w), generator=g)
     logits += 1.5 * torch.nn.functional.one_hot(labels, c).permute(0, 3, 1, 2)  # informative scores
     labels[0, 0, :4] = 255                                                      # ignored pixels
-    ps = utils.PixelScores(c)
+    ps = metrics.PixelScores(c)
     ps.update(logits[:2], labels[:2])
     ps.update(logits[2:], labels[2:])
     ps.all_reduce(utils.Runtime(device=torch.device("cpu")))
@@ -117,7 +118,7 @@ def test_pixel_scores_absent_class_is_nan_and_skipped_in_mean():
     logits = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 2, (1, 4, 4), generator=torch.Generator().manual_seed(2))
     labels[0, 0, 0], labels[0, 0, 1] = 0, 1
-    ps = utils.PixelScores(3)
+    ps = metrics.PixelScores(3)
     ps.update(logits, labels)
     out = ps.compute()
     assert math.isnan(out["ap"][2])
@@ -127,7 +128,7 @@ def test_pixel_scores_absent_class_is_nan_and_skipped_in_mean():
 def test_precision_recall_curve_ends_at_full_recall():
     y = torch.tensor([1, 0, 1, 1, 0, 0])
     s = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    curve = utils.subsample_curve(*utils.precision_recall_steps(y, s))
+    curve = metrics.subsample_curve(*metrics.precision_recall_steps(y, s))
     recall, precision = curve["recall"], curve["precision"]
     assert recall[-1] == pytest.approx(1.0) and precision[-1] == pytest.approx(0.5)
     assert recall[0] == pytest.approx(1 / 3) and precision[0] == pytest.approx(1.0)
@@ -142,7 +143,7 @@ def test_average_precision_speed_full_test_set():
     scores = torch.randn(n, c, generator=g)
     start = time.perf_counter()
     probs = torch.softmax(scores, 1)
-    aps = [utils.average_precision(labels == k, s[:, k]) for s in (scores, probs) for k in range(c)]
+    aps = [metrics.average_precision(labels == k, s[:, k]) for s in (scores, probs) for k in range(c)]
     elapsed = time.perf_counter() - start
     print(f"average_precision on {n} float32 scores x {c} classes x 2: {elapsed:.1f} s")
     assert all(0.15 < a < 0.25 for a in aps)  # random scores: AP ~ prevalence 0.2

@@ -76,12 +76,12 @@ def test_results_json(part1_run):
     rows = _metrics(run_dir)
     best = max(rows, key=lambda r: float(r["val_accuracy"]))  # first maximum wins
     assert res["checkpoint_epoch"] == int(best["epoch"])
-    assert returned["accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-12)
+    assert returned["test_accuracy"] == pytest.approx(res["test_accuracy"], abs=1e-12)
 
 
 def test_figures_are_pngs(part1_run):
     run_dir, _ = part1_run
-    for rel in part1_classify.FIGURES:
+    for rel in (f.path for f in part1_classify.FIGURES):
         path = run_dir / rel
         assert path.is_file(), rel
         with Image.open(path) as im:
@@ -156,7 +156,7 @@ def test_eval_only_reproduces(part1_run, fashion_root, tmp_path):
     res2 = utils.read_json(other / "results.json")
     assert res2["test_accuracy"] == res["test_accuracy"]
     assert res2["confusion_matrix"] == res["confusion_matrix"]
-    assert out["accuracy"] == res["test_accuracy"]
+    assert out["test_accuracy"] == res["test_accuracy"]
     assert not (other / "checkpoints").exists() and not (other / "metrics.csv").exists()  # no training
 
 
@@ -220,5 +220,5 @@ def test_fashion_net_smoke(fashion_root, tmp_path):
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     args = utils.read_json(out / "args.json")
     assert args["augment"] == "translate_flip" and args["label_smoothing"] == 0.1 and args["optimizer"] == "adamw"
-    for fig in part1_classify.FIGURES:
+    for fig in (f.path for f in part1_classify.FIGURES):
         assert (out / fig).is_file(), fig

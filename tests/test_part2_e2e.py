@@ -62,7 +62,7 @@ def test_outputs(part2_run):
         assert math.isfinite(float(r["train_loss"])) and math.isfinite(float(r["val_loss"]))
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert res["checkpoint_epoch"] == int(best["epoch"])
-    for rel in part2_segment.FIGURES:
+    for rel in (f.path for f in part2_segment.FIGURES):
         with Image.open(run_dir / rel) as im:
             assert im.format == "PNG"
             im.load()
@@ -128,7 +128,7 @@ def test_unet_one_epoch(synthetic_facade_ro, tmp_path):
     rows = _metrics(out)
     assert len(rows) == 1
     assert math.isfinite(float(rows[0]["train_loss"])) and math.isfinite(float(rows[0]["val_loss"]))
-    assert math.isfinite(res["loss"]) and 0 <= res["mean_ap"] <= 1
+    assert math.isfinite(res["test_loss"]) and 0 <= res["mean_ap"] <= 1
     ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["model_kwargs"] == {"num_classes": 5, "width": 8, "depth": 4}
 
@@ -157,7 +157,7 @@ def test_predict_cli(part2_run, tmp_path):
     bad.write_text("this is not an image\n")
     out = tmp_path / "pred"
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli(["predict", "--checkpoint", str(ckpt), str(img1), str(img2), str(bad), "--output-dir", str(out)])
+        part2_segment.cli_main(["predict", "--checkpoint", str(ckpt), str(img1), str(img2), str(bad), "--output-dir", str(out)])
     assert info.value.code == 1
     assert sorted(p.name for p in out.iterdir()) == ["big_mask.png", "big_overlay.png", "odd_mask.png", "odd_overlay.png"]
     for stem, size in (("big", (256, 256)), ("odd", (67, 45))):
@@ -186,7 +186,7 @@ def test_predict_264_matches_model(part2_run, tmp_path):
     Image.fromarray(rgb).save(tmp_path / "sq.png")
     out = tmp_path / "pred"
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli(["predict", "--checkpoint", str(ckpt_path), str(tmp_path / "sq.png"), "--output-dir", str(out)])
+        part2_segment.cli_main(["predict", "--checkpoint", str(ckpt_path), str(tmp_path / "sq.png"), "--output-dir", str(out)])
     assert info.value.code == 0
     mask_rgb = np.asarray(Image.open(out / "sq_mask.png"))
     assert mask_rgb.shape == (264, 264, 3)
@@ -209,7 +209,7 @@ def test_predict_downscales_large_images(part2_run, tmp_path):
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(img)
     out = tmp_path / "pred"
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli(["predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), str(img),
+        part2_segment.cli_main(["predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), str(img),
                            "--max-size", "64", "--output-dir", str(out)])
     assert info.value.code == 0
     with Image.open(out / "wide_mask.png") as im:
@@ -222,7 +222,7 @@ def test_predict_rejects_classification_checkpoint(tmp_path, capsys):
     img = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(img)
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli(["predict", "--checkpoint", str(ckpt), str(img), "--output-dir", str(tmp_path / "out")])
+        part2_segment.cli_main(["predict", "--checkpoint", str(ckpt), str(img), "--output-dir", str(tmp_path / "out")])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "classification" in err[0]

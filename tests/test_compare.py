@@ -1,0 +1,290 @@
+"""compare.py on hand-made run folders with known numbers: grouping by seed, mean ± sample std,
+compare.json / compare.html / PNG output, and the one-line errors (exit 2, nothing written)."""
+from __future__ import annotations
+
+import base64
+import csv
+import json
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import compare
+
+CLASSES_P1 = ["T-shirt/top", "Trouser", "Pullover"]
+CLASSES_P2 = ["others", "facade", "window"]
+CURVE_HEADER = ["epoch", "lr", "train_loss", "val_loss", "train_accuracy", "val_accuracy",
+                "epoch_time_s", "train_images_per_s"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+def make_run(folder: Path, *, task: str = "classification", seed: int = 0, headline: float = 0.9,
+             per_class: list[float] | None = None, finished: bool = True,
+             header: list[str] | None = None, epochs: int = 3, **recipe) -> Path:
+    """A run folder as the scripts write it: args.json, metrics.csv and (if finished)
+    results.json, with the given recipe arguments and known numbers."""
+    folder.mkdir(parents=True)
+    args = {"model": "sigmoid_cnn", "epochs": epochs, "lr": 0.01, "batch_size": 500,
+            "amp": False, "channels_last": False, "seed": seed, "output_dir": str(folder),
+            "resume": None, "eval_only": None, "device": "auto", "threads": None,
+            "no_progress": True, "time_limit": None,
+            "environment": {"argv": ["x.py"], "python": "3.11", "torch": "2", "device": "cpu",
+                            "world_size": 1, "threads": 2, "amp": None}}
+    args.update(recipe)
+    (folder / "args.json").write_text(json.dumps(args))
+    header = header or CURVE_HEADER
+    with (folder / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        for epoch in range(1, epochs + 1):
+            loss = 1.0 / epoch + 0.01 * seed
+            writer.writerow({"epoch": epoch, "lr": 0.01, "train_loss": loss, "val_loss": loss + 0.1,
+                             "train_accuracy": 1 - loss / 2, "val_accuracy": 1 - loss / 2 - 0.05,
+                             "epoch_time_s": 1.0, "train_images_per_s": 100.0})
+    if finished:
+        names = CLASSES_P1 if task == "classification" else CLASSES_P2
+        values = dict(zip(names, per_class or [headline] * len(names)))
+        common = {"model": args["model"], "epochs_trained": epochs,
+                  "train_time_s": 60.0 * (seed + 1), "train_images_per_s": 1000.0 + seed,
+                  "test_loss": 0.3, "some_future_key": {"x": 1}}
+        if task == "classification":
+            results = {"test_accuracy": headline, "mean_per_class_accuracy": headline,
+                       "per_class_accuracy": values, **common}
+        else:
+            results = {"mean_ap": headline, "ap": values, "mean_ap_softmax": headline,
+                       "miou": 0.5, "pixel_accuracy": 0.8, "gflops_per_image": 1.0, **common}
+        (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return compare.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def assert_one_line_error(capsys, mentions: str | None = None) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    if mentions is not None:
+        assert mentions in lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def two_recipes(tmp_path) -> tuple[list[Path], dict[str, list[float]]]:
+    """3 seeds of sigmoid_cnn lr=0.01 and 2 seeds of fashion_net lr=0.002."""
+    scores = {"sigmoid": [0.90, 0.91, 0.93], "fashion": [0.94, 0.95]}
+    runs = [make_run(tmp_path / "runs" / "sigmoid" / f"seed{s}", seed=s, headline=acc,
+                     per_class=[acc - 0.1, acc, acc + 0.01 * s])
+            for s, acc in enumerate(scores["sigmoid"])]
+    runs += [make_run(tmp_path / "runs" / "fashion" / f"seed{s}", seed=s, headline=acc,
+                      model="fashion_net", lr=0.002, epochs=4)
+             for s, acc in enumerate(scores["fashion"])]
+    return runs, scores
+
+
+# ----------------------------------------------------------------------------- happy path
+def test_groups_by_seed_with_numpy_mean_and_sample_std(two_recipes, tmp_path, capsys):
+    runs, scores = two_recipes
+    out = tmp_path / "cmp"
+    assert run_cli([*map(str, runs), "--output-dir", str(out)]) == 0
+
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["task"] == "classification" and summary["headline"] == "test_accuracy"
+    groups = {g["label"]: g for g in summary["groups"]}
+    assert sorted(g["n"] for g in groups.values()) == [2, 3]
+    sigmoid = next(g for g in groups.values() if g["n"] == 3)
+    fashion = next(g for g in groups.values() if g["n"] == 2)
+    assert "model=sigmoid_cnn" in sigmoid["label"] and "model=fashion_net" in fashion["label"]
+    assert sigmoid["seeds"] == [0, 1, 2] and fashion["differs"]["lr"] == 0.002
+    for group, values in ((sigmoid, scores["sigmoid"]), (fashion, scores["fashion"])):
+        stats = group["metrics"]["test_accuracy"]
+        assert stats["n"] == len(values) and stats["values"] == values
+        assert stats["mean"] == pytest.approx(np.mean(values), rel=1e-12)
+        assert stats["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+    shirts = [acc + 0.01 * s for s, acc in enumerate(scores["sigmoid"])]
+    assert sigmoid["per_class"]["Pullover"]["std"] == pytest.approx(np.std(shirts, ddof=1))
+    times = sigmoid["metrics"]["train_time_min"]
+    assert times["mean"] == pytest.approx(2.0) and times["std"] == pytest.approx(1.0)
+
+    # per run: unique names (both recipes have a seed0), group, seed, headline
+    by_name = {r["name"]: r for r in summary["runs"]}
+    assert set(by_name) == {f"{k}/seed{s}" for k, n in (("sigmoid", 3), ("fashion", 2))
+                            for s in range(n)}
+    assert by_name["fashion/seed1"]["headline"] == 0.95
+    assert by_name["fashion/seed1"]["group"] == fashion["label"]
+    assert by_name["sigmoid/seed2"]["metrics"]["epochs"] == 3
+
+    # files: the PNGs, embedded in a self-contained html that names every run; no temp files
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy_curves.png", "compare.html", "compare.json", "loss_curves.png"]
+    page = (out / "compare.html").read_text()
+    for png in ("loss_curves.png", "accuracy_curves.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(b"\x89PNG")
+        assert base64.b64encode(data).decode() in page
+    assert all(name in page for name in by_name)
+    assert "<h2>Groups</h2>" in page and "±" in page
+
+    stdout = capsys.readouterr().out
+    assert sigmoid["label"] in stdout and fashion["label"] in stdout
+    assert str(out / "compare.html") in stdout
+    mean, std = np.mean(scores["sigmoid"]), np.std(scores["sigmoid"], ddof=1)
+    assert f"{mean:.4f} ± {std:.4f}" in stdout
+
+
+def test_compare_runs_returns_what_compare_json_holds(tmp_path):
+    runs = [make_run(tmp_path / f"seed{s}", seed=s, headline=0.8 + s / 100) for s in range(2)]
+    summary = compare.compare_runs(runs, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "compare.json").read_text()) == summary
+    [group] = summary["groups"]
+    assert group["label"] == "sigmoid_cnn"  # one group: just the model name
+    assert group["n"] == 2
+
+
+def test_single_run_shows_value_without_std(tmp_path, capsys):
+    run = make_run(tmp_path / "only", headline=0.875)
+    assert run_cli([str(run), "--output-dir", str(tmp_path / "out")]) == 0
+    group = json.loads((tmp_path / "out" / "compare.json").read_text())["groups"][0]
+    assert group["metrics"]["test_accuracy"] == {
+        "mean": 0.875, "std": None, "n": 1, "values": [0.875]}
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.rstrip().endswith("0.8750") and "±" not in line
+
+
+def test_part2_folders_use_mean_ap_and_tolerate_missing_accuracy(tmp_path):
+    header = ["epoch", "lr", "train_loss", "val_loss"]  # no accuracy columns
+    aps = {"0.001": [0.50, 0.54], "0.002": [0.60, 0.61, 0.65]}
+    runs = [make_run(tmp_path / f"lr{lr}_s{s}", task="segmentation", seed=s, headline=ap,
+                     model="unet", lr=float(lr), header=header)
+            for lr, values in aps.items() for s, ap in enumerate(values)]
+    # a newer folder that names its task explicitly still groups with the others
+    results = json.loads((runs[0] / "results.json").read_text())
+    (runs[0] / "results.json").write_text(json.dumps({**results, "task": "segmentation"}))
+
+    summary = compare.compare_runs(runs, tmp_path / "out")
+    assert summary["task"] == "segmentation" and summary["headline"] == "mean_ap"
+    assert [g["label"] for g in summary["groups"]] == ["lr=0.001", "lr=0.002"]
+    for group, values in zip(summary["groups"], aps.values()):
+        assert group["metrics"]["mean_ap"]["mean"] == pytest.approx(np.mean(values))
+        assert group["metrics"]["mean_ap"]["std"] == pytest.approx(np.std(values, ddof=1))
+        assert set(group["per_class"]) == set(CLASSES_P2)
+    assert summary["figures"] == {"loss": "loss_curves.png"}
+    assert not (tmp_path / "out" / "accuracy_curves.png").exists()
+    assert "No accuracy columns" in (tmp_path / "out" / "compare.html").read_text()
+
+
+def test_default_output_dir_is_new_and_never_reused(tmp_path, monkeypatch, capsys):
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 1, 2, 3, 4, 5)
+
+    run = make_run(tmp_path / "run", epochs=1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare, "datetime", FrozenClock)
+    assert run_cli([str(run)]) == 0
+    assert run_cli([str(run)]) == 0
+    root = tmp_path / "outputs" / "compare"
+    assert sorted(p.name for p in root.iterdir()) == ["20240102-030405", "20240102-030405-2"]
+    assert all((p / "compare.html").is_file() for p in root.iterdir())
+
+
+# ----------------------------------------------------------------------------- grouping rules
+def test_bookkeeping_args_do_not_split_a_group_but_numerics_do(tmp_path):
+    base = make_run(tmp_path / "a", seed=0, finished=True)
+    same = make_run(tmp_path / "b", seed=7, device="cuda", threads=4, time_limit=2.0,
+                    compile=True, resume="x.pt", stop_after_epochs=2,
+                    environment={"device": "cuda:0", "world_size": 1, "gpu": "H100"})
+    amp = make_run(tmp_path / "c", amp=True)
+    ddp = make_run(tmp_path / "d", environment={"device": "cuda:0", "world_size": 2})
+    groups = compare.group_runs(compare.load_runs([base, same, amp, ddp]))
+    assert [len(g.runs) for g in groups] == [2, 1, 1]
+    assert [g.label for g in groups] == ["amp=False world_size=1", "amp=True world_size=1",
+                                         "amp=False world_size=2"]
+
+
+def test_long_labels_are_cut_and_stay_unique(tmp_path):
+    recipes = [{"model": "m", "optimizer": f"opt{i}", "schedule": f"s{i}", "loss": f"l{i}",
+                "augment": "a", "weight_decay": 0.1 * i, "warmup_epochs": i} for i in range(2)]
+    runs = [make_run(tmp_path / f"r{i}", **r) for i, r in enumerate(recipes)]
+    labels = [g.label for g in compare.group_runs(compare.load_runs(runs))]
+    assert len(set(labels)) == 2
+    assert all(len(label) <= compare.MAX_LABEL_CHARS and "more" in label for label in labels)
+
+
+def test_read_curves_keeps_last_row_of_a_repeated_epoch_and_skips_missing(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,train_loss,val_accuracy\n1,1.0,\n2,0.9,\n2,0.5,\n3,0.4,\n")
+    curves = compare.read_curves(path)
+    assert curves["epoch"].tolist() == [1, 2, 3]
+    assert curves["train_loss"].tolist() == [1.0, 0.5, 0.4]
+    assert "val_accuracy" not in curves and "val_loss" not in curves
+    assert compare.read_curves(tmp_path / "absent.csv") == {}
+
+
+# ----------------------------------------------------------------------------- errors
+def test_mixed_parts_are_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    p1 = make_run(tmp_path / "p1")
+    p2 = make_run(tmp_path / "p2", task="segmentation", model="unet")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli([str(p1), str(p2), "--output-dir", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys, mentions="Part 1 and Part 2")
+    assert run_cli([str(p1), str(p2)]) == 2
+    assert_one_line_error(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_unfinished_run_is_refused(tmp_path, capsys):
+    done = make_run(tmp_path / "done")
+    running = make_run(tmp_path / "running", seed=1, finished=False)
+    assert run_cli([str(done), str(running), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "unfinished" in assert_one_line_error(capsys, mentions=str(running))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_folder_is_refused(tmp_path, capsys):
+    done = make_run(tmp_path / "done")
+    assert run_cli([str(done), str(tmp_path / "absent"), "--output-dir",
+                    str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys, mentions=str(tmp_path / "absent"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_folders_is_an_argparse_error(capsys):
+    assert run_cli([]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_output_dir_holding_a_report_is_refused(tmp_path, capsys):
+    done = make_run(tmp_path / "done")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "compare.html").write_text("old report")
+    assert run_cli([str(done), "--output-dir", str(out)]) == 2
+    assert_one_line_error(capsys, mentions="compare.html")
+    assert (out / "compare.html").read_text() == "old report"
+    assert sorted(p.name for p in out.iterdir()) == ["compare.html"]
+
+
+def test_same_folder_twice_and_bad_json_are_refused(tmp_path, capsys):
+    done = make_run(tmp_path / "done")
+    assert run_cli([str(done), str(done)]) == 2
+    assert_one_line_error(capsys, mentions="twice")
+    broken = make_run(tmp_path / "broken")
+    (broken / "results.json").write_text("{not json")
+    assert run_cli([str(broken), "--output-dir", str(tmp_path / "out")]) == 2
+    assert_one_line_error(capsys, mentions="results.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_explains_every_flag(capsys):
+    assert run_cli(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--output-dir" in text and "RUN" in text and "seed" in text
