@@ -131,10 +131,10 @@ def main(args) -> dict:
     utils.seed_everything(args.seed + rt.rank)  # per-rank dropout masks; DDP syncs the weights
     splits, normalization = load_data(args, rt, ckpt)  # bad data stops before the run folder
     train_loader, val_loader, test_loader = build_loaders(args, rt, splits, normalization)
-    run_dir, log = utils.start_run(args, rt, OUTPUT_ROOT)
     net = models.build_model(args.model, num_classes=len(NAMES))
     model, model_without_ddp = utils.prepare_model(net, rt, compile_model=args.compile,
                                                    sync_bn=args.sync_bn)
+    run_dir, log = utils.start_run(args, rt, OUTPUT_ROOT)
     loss_fn = engine.CrossEntropy(label_smoothing=args.label_smoothing)
     log.info("model %s: %d parameters; %d train / %d val / %d test images", args.model,
              models.count_parameters(net), *(len(splits[s][0]) for s in ("train", "val", "test")))

@@ -166,11 +166,11 @@ def main(args) -> dict:
     normalization = ckpt["normalization"] if ckpt else dict(
         zip(("mean", "std"), datasets.channel_stats(splits["train"][0])))
     train_loader, val_loader, test_loader = build_loaders(args, rt, splits, normalization)
-    run_dir, log = utils.start_run(args, rt, OUTPUT_ROOT)
     h, w = splits["test"][0].shape[-2:]
     flops = models.forward_flops(net, (1, 3, h, w))
     model, model_without_ddp = utils.prepare_model(net, rt, compile_model=args.compile,
                                                    sync_bn=args.sync_bn)
+    run_dir, log = utils.start_run(args, rt, OUTPUT_ROOT)
     log.info("model %s: %d parameters, %.1f GFLOP per %dx%d image; %d train / %d val / %d test "
              "images", args.model, models.count_parameters(net), flops / 1e9, w, h,
              *(len(splits[s][0]) for s in ("train", "val", "test")))

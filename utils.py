@@ -152,6 +152,8 @@ def prepare_model(model: torch.nn.Module, rt: Runtime, *, compile_model: bool = 
                   sync_bn: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Move to the device; returns (model to train, unwrapped model for evaluation and saving)."""
     if sync_bn and rt.distributed:
+        if rt.device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(rt.device)
     if rt.channels_last:

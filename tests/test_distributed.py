@@ -108,3 +108,49 @@ def test_fp16_needs_cuda(tmp_path):
                            "--output-dir", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "fp16" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def torchrun_proc(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, script, *args, "--threads", "1", "--no-progress"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_user_error_on_one_rank_ends_every_rank(tmp_path):
+    """Rank 0 alone looks for the data (the other rank waits at a barrier): its one-line error
+    must end the whole job, with the error's exit code, instead of leaving rank 1 hanging."""
+    proc = torchrun_proc("part1_classify.py", "--data-root", str(tmp_path / "absent"),
+                         "--no-download", "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "Fashion-MNIST not found" in ours[0], proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_sync_bn_on_cpu_is_a_clear_error(make_fashion_root, tmp_path):
+    root = make_fashion_root(tmp_path / "fm")
+    proc = torchrun_proc("part1_classify.py", "--data-root", str(root), "--no-download",
+                         "--model", "fashion_net", "--sync-bn", "--output-dir", str(tmp_path / "r"))
+    assert proc.returncode != 0
+    assert any(line.startswith("error: --sync-bn needs CUDA") for line in proc.stderr.splitlines())
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_shard_and_time_limit_under_torchrun(synthetic_facade, tmp_path):
+    """One validation and one test image for two ranks (rank 1's shards are empty) and a time
+    limit that passes during epoch 1: both ranks stop together, and the test numbers equal one
+    process's evaluation of the same checkpoint."""
+    common = ["--data", str(synthetic_facade), "--train-range", "0", "7", "--val-range", "8", "8",
+              "--test-range", "0", "0", "--epochs", "3", "--time-limit", "0.0001",
+              "--model", "unet", "--width", "4", "--crop", "32"]
+    torchrun("part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "d"))
+    part2(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "s"), "--threads", "2")
+    ddp, single = (utils.read_csv(tmp_path / n / "metrics.csv") for n in ("d", "s"))
+    assert len(ddp) == len(single) == 1
+    assert torch.isfinite(torch.tensor(ddp[0]["val_loss"]))
+    assert "time limit" in (tmp_path / "d" / "log.txt").read_text()
+    ddp_eval = part2(*common, "--eval-only", str(tmp_path / "d" / "checkpoints" / "best.pt"),
+                     "--output-dir", str(tmp_path / "e"))
+    ddp_res = utils.read_json(tmp_path / "d" / "results.json")
+    assert ddp_eval["test_loss"] == pytest.approx(ddp_res["test_loss"], rel=1e-6)
+    assert ddp_eval["confusion_matrix"] == ddp_res["confusion_matrix"]
+    assert ddp_eval["mean_ap"] == pytest.approx(ddp_res["mean_ap"], abs=1e-9)
