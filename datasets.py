@@ -221,6 +221,27 @@ def random_translate_flip(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, 
     return out, y
 
 
+def random_translate_flip_erase(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, rows: slice,
+                                total: int, area: tuple[float, float] = (0.02, 0.25),
+                                p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``random_translate_flip``, then random erasing: with probability ``p`` one box of
+    ``area`` of the image (aspect 1:3-3:1) is set to 0. Draws cover the global batch, as above."""
+    x, y = random_translate_flip(x, y, g, rows, total)
+    n, _, h, w = x.shape
+    draws = torch.rand(total, 5, generator=g)[rows].to(x.device)
+    box_area = (area[0] + (area[1] - area[0]) * draws[:, 0]) * h * w
+    aspect = torch.exp((2 * draws[:, 1] - 1) * np.log(3))
+    bh = (box_area * aspect).sqrt().clamp(1, h)
+    bw = (box_area / aspect).sqrt().clamp(1, w)
+    top, left = draws[:, 2] * (h - bh), draws[:, 3] * (w - bw)
+    r = torch.arange(h, device=x.device)[None, :, None]
+    c = torch.arange(w, device=x.device)[None, None, :]
+    inside = ((r >= top[:, None, None]) & (r < (top + bh)[:, None, None])
+              & (c >= left[:, None, None]) & (c < (left + bw)[:, None, None]))
+    erase = inside & (draws[:, 4] < p)[:, None, None]
+    return x.masked_fill(erase[:, None], 0), y
+
+
 def random_scale_crop_flip_jitter(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, rows: slice, total: int,
                                   crop: int = 256, scale_range: tuple[float, float] = (0.6, 1.25), jitter: float = 0.3):
     """Segmentation augmentation in one affine resample per batch: a random box of 60-125% of the
@@ -271,7 +292,7 @@ class TensorLoader:
     def _global_batches(self) -> list[torch.Tensor]:
         n = len(self.images)
         if not self.train:
-            shard = torch.arange(self.rank, n, self.world_size)
+            shard = torch.arange(n)[self.rank::self.world_size]  # empty when rank >= n
             return list(shard.split(self.batch_size))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         batches = list(torch.randperm(n, generator=g).split(self.batch_size * self.world_size))

@@ -63,6 +63,8 @@ def precision_recall_steps(y_true, scores) -> tuple[torch.Tensor, torch.Tensor] 
     sklearn's precision_recall_curve (before its reversal); None when there is no positive."""
     scores = torch.as_tensor(scores)
     y_true = torch.as_tensor(y_true, dtype=torch.bool)
+    if scores.numel() == 0:
+        return None
     sorted_scores, order = torch.sort(scores, descending=True)
     hits = y_true[order].to(torch.float64)
     # Last index of each run of equal scores: ties share one threshold, as in sklearn.

@@ -191,7 +191,7 @@ def all_gather_cat(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 def dataset_order(n: int, world_size: int) -> torch.Tensor:
     """Where the rank-concatenated evaluation shards (rank r: r, r+W, ...) sit in dataset order."""
-    return torch.cat([torch.arange(r, n, world_size) for r in range(world_size)])
+    return torch.cat([torch.arange(n)[r::world_size] for r in range(world_size)])
 
 
 def gather_in_dataset_order(local: torch.Tensor, rt: Runtime) -> torch.Tensor:

@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,17 @@ def _missing(msg: str):
     pytest.skip(msg)
 
 
+def _fashion_missing(root: Path) -> list[str]:
+    """The IDX stems that ``root`` lacks (all four when it is not a folder)."""
+    stems = [s for pair in datasets.FASHION_FILES.values() for s in pair]
+    return [s for s in stems if not root.is_dir() or datasets.find_idx_file(root, s) is None]
+
+
 @pytest.fixture(scope="session")
 def fashion_root(data_dir) -> Path:
+    """The real Fashion-MNIST folder; skips without it (fails with REQUIRE_DATA=1)."""
     root = data_dir / "fashion-mnist"
-    stems = [s for pair in datasets.FASHION_FILES.values() for s in pair]
-    missing = [s for s in stems if not root.is_dir() or datasets.find_idx_file(root, s) is None]
+    missing = _fashion_missing(root)
     if missing:
         _missing(f"Fashion-MNIST not found at {root} (lacks {', '.join(missing)})")
     return root
@@ -70,18 +77,64 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
     return Path(path)
 
 
+def fashion_labels(n: int) -> np.ndarray:
+    """The labels make_fashion_set writes: 0, 1, ..., 9, 0, 1, ... (every prefix of 10k images is balanced)."""
+    return (np.arange(n) % len(datasets.FASHION_CLASSES)).astype(np.uint8)
+
+
+def make_fashion_set(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0,
+                     learnable: bool = False) -> Path:
+    """A Fashion-MNIST-shaped folder with the four IDX files (gzipped): uint8 (n, 28, 28) noise images,
+    labels ``fashion_labels(n)``. ``learnable``: each image also gets a bright 4-row band whose
+    position depends on its class, so a network learns something in a few steps."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        img_stem, lbl_stem = datasets.FASHION_FILES[split]
+        labels = fashion_labels(n)
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        if learnable:
+            for c in range(len(datasets.FASHION_CLASSES)):
+                rows = slice(2 + 2 * c, 6 + 2 * c)
+                images[labels == c, rows, :] = np.maximum(images[labels == c, rows, :], 200)
+        write_idx(root / (img_stem + ".gz"), images)
+        write_idx(root / (lbl_stem + ".gz"), labels)
+    return root
+
+
 @pytest.fixture
 def make_fashion_root():
-    """Factory: a tiny Fashion-MNIST-like folder with the four IDX files (gzipped)."""
-    def make(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0) -> Path:
-        rng = np.random.default_rng(seed)
-        root.mkdir(parents=True, exist_ok=True)
-        for split, n in (("train", n_train), ("test", n_test)):
-            img_stem, lbl_stem = datasets.FASHION_FILES[split]
-            write_idx(root / (img_stem + ".gz"), rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-            write_idx(root / (lbl_stem + ".gz"), np.arange(n, dtype=np.uint8) % 10)
-        return root
-    return make
+    """Factory: make_fashion_root(root, n_train=40, n_test=20, seed=0, learnable=False) -> root."""
+    return make_fashion_set
+
+
+@dataclass(frozen=True)
+class FashionData:
+    """Where the Part 1 end-to-end tests read Fashion-MNIST: the real set, else a synthetic stand-in."""
+    root: Path
+    real: bool
+    test_counts: tuple[int, ...]  # test images per class, in class order
+
+    @property
+    def n_test(self) -> int:
+        return sum(self.test_counts)
+
+
+REAL_FASHION_TEST_COUNTS = (1000,) * len(datasets.FASHION_CLASSES)  # the real t10k set (test_idx checks it)
+SYNTHETIC_FASHION = {"n_train": 2000, "n_test": 1000}
+
+
+@pytest.fixture(scope="session")
+def fashion_data(data_dir, tmp_path_factory) -> FashionData:
+    """The real Fashion-MNIST when data_dir has it, else a synthetic folder of the same shape
+    (SYNTHETIC_FASHION: 2000 train / 1000 test learnable images, labels 0-9 balanced). Never skips,
+    even with REQUIRE_DATA=1: tests that need the real set take ``fashion_root`` instead."""
+    root = data_dir / "fashion-mnist"
+    if not _fashion_missing(root):
+        return FashionData(root, True, REAL_FASHION_TEST_COUNTS)
+    root = make_fashion_set(tmp_path_factory.mktemp("fashion_syn"), **SYNTHETIC_FASHION, learnable=True)
+    counts = np.bincount(fashion_labels(SYNTHETIC_FASHION["n_test"]), minlength=len(datasets.FASHION_CLASSES))
+    return FashionData(root, False, tuple(int(c) for c in counts))
 
 
 # ----------------------------------------------------------------------------- synthetic facades

@@ -164,8 +164,8 @@ def test_part2_truncated_jpg(tmp_path, synthetic_facade):
 
 
 def test_part2_size_not_divisible_for_model(tmp_path, make_facade):
-    """40x40 images cannot go through a depth-4 U-Net (needs multiples of 16). The script's own comment
-    says bad data must leave nothing behind, but check_size runs after start_run creates the folder."""
+    """40x40 images cannot go through a depth-4 U-Net (needs multiples of 16): a one-line error naming 16,
+    and, as for any bad data, the size check comes before the run folder is created, so none is left."""
     data = make_facade(tmp_path / "syn40", size=40)
     proc, run_dir = _part2(data, tmp_path, "--model", "unet", "--width", "4", "--crop", "32")
     _check_part2_error(proc, run_dir, mentions="16")

@@ -102,6 +102,39 @@ def test_gather_in_dataset_order_single_process():
     assert torch.equal(utils.gather_in_dataset_order(t, rt), t)
 
 
+SHARDINGS = [(10, 2), (10, 3), (11, 4), (7, 7), (23, 1),
+             (1, 2), (3, 4),                                      # n < W, the last rank's shard is empty
+             (3, 5), (0, 3)]                                      # ranks past the end: empty shards
+
+
+@pytest.mark.parametrize("n,world", SHARDINGS)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_dataset_order_undoes_eval_sharding(n, world, batch):
+    """What gather_in_dataset_order does on W ranks, without processes: each rank's evaluation shard as
+    TensorLoader(train=False) yields it, concatenated in rank order (what all_gather_cat returns), then
+    scattered to dataset_order(n, W) gives back the dataset order (n < W: some shards are empty)."""
+    images, labels = _data(n=n, h=2, w=3)
+    shards = []
+    for r in range(world):
+        ld = datasets.TensorLoader(images, labels, batch, mean=[0], std=[1], train=False, rank=r, world_size=world)
+        ys = [y for _, y in ld]
+        shards.append(torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long))
+    assert sum(len(s) == 0 for s in shards) == max(0, world - n)
+    gathered = torch.cat(shards)
+    order = utils.dataset_order(n, world)
+    assert sorted(order.tolist()) == list(range(n))  # a permutation: each slot written once
+    restored = torch.empty_like(gathered)
+    restored[order] = gathered
+    assert torch.equal(restored, labels)  # label = sample index
+    # the images travel with their labels the same way
+    x_shards = [torch.cat([x for x, _ in datasets.TensorLoader(images, labels, batch, mean=[0], std=[1], train=False,
+                                                                rank=r, world_size=world)] or [torch.zeros(0, 1, 2, 3)])
+                for r in range(world)]
+    x_restored = torch.empty(n, 1, 2, 3)
+    x_restored[order] = torch.cat(x_shards)
+    assert torch.equal(x_restored, images.float() / 255)
+
+
 def test_random_translate_flip_pad0_is_identity_or_flip():
     images, labels = _data(n=16, c=2, h=5, w=7)
     x = images.float() / 255

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -84,6 +83,7 @@ def test_average_precision_torch_inputs_and_small_cases():
     assert metrics.average_precision(np.array([1, 1]), np.array([0.1, 0.2])) == pytest.approx(1.0)
     assert metrics.average_precision(np.array([0, 1]), np.array([0.3, 0.2])) == pytest.approx(0.5)
     assert math.isnan(metrics.average_precision(np.zeros(5, bool), np.arange(5.0)))
+    assert math.isnan(metrics.average_precision(np.zeros(0, bool), np.zeros(0)))  # no pixels
 
 
 def test_pixel_scores_match_sklearn():
@@ -135,16 +135,17 @@ def test_precision_recall_curve_ends_at_full_recall():
     assert np.all(np.diff(recall) >= 0)
 
 
-def test_average_precision_speed_full_test_set():
-    """110 facades x 256 x 256 = 7.2M pixels x 5 classes, raw and softmax: a loose time bound."""
+def test_average_precision_large_input_matches_sklearn():
+    """200k pixels x 5 classes, raw float32 scores and their softmax (which ties often in float32):
+    equal to sklearn per class. Speed is measured by benchmark.py, not asserted here."""
     g = torch.Generator().manual_seed(0)
-    n, c = 110 * 256 * 256, 5
+    n, c = 200_000, 5
     labels = torch.randint(0, c, (n,), generator=g)
-    scores = torch.randn(n, c, generator=g)
-    start = time.perf_counter()
+    scores = torch.randn(n, c, generator=g) + 0.5 * torch.nn.functional.one_hot(labels, c)  # informative
     probs = torch.softmax(scores, 1)
-    aps = [metrics.average_precision(labels == k, s[:, k]) for s in (scores, probs) for k in range(c)]
-    elapsed = time.perf_counter() - start
-    print(f"average_precision on {n} float32 scores x {c} classes x 2: {elapsed:.1f} s")
-    assert all(0.15 < a < 0.25 for a in aps)  # random scores: AP ~ prevalence 0.2
-    assert elapsed < 30
+    for s in (scores, probs):
+        for k in range(c):
+            ours = metrics.average_precision(labels == k, s[:, k])
+            ref = average_precision_score((labels == k).numpy(), s[:, k].numpy())
+            assert abs(ours - ref) < 1e-9, (k, ours, ref)
+            assert 0.25 < ours < 0.9  # informative scores: well above the prevalence 0.2

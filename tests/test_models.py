@@ -10,8 +10,7 @@ import models
 def test_sigmoid_cnn_shape_and_parameter_count():
     net = models.build_model("sigmoid_cnn")
     by_hand = (32 * 1 * 9 + 32) + (32 * 32 * 9 + 32) + (800 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
-    assert by_hand == 116702
-    assert models.count_parameters(net) == by_hand
+    assert models.count_parameters(net) == by_hand  # 116,702
     with torch.no_grad():
         assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     # layer by layer, as the reference
@@ -20,6 +19,8 @@ def test_sigmoid_cnn_shape_and_parameter_count():
 
 
 def test_fashion_net_shape():
+    """(B,1,28,28) -> (B,10), and 584,874 parameters counted layer by layer (the class docstring's 0.58M);
+    the 1152 x 256 head alone holds 0.30M of them."""
     net = models.build_model("fashion_net").eval()
     with torch.no_grad():
         assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
@@ -27,7 +28,6 @@ def test_fashion_net_shape():
     convs = 9 * (1 * w + w * w + w * 2 * w + 2 * w * 2 * w + 2 * w * 4 * w + 4 * w * 4 * w)  # no conv bias
     bns = 2 * (2 * w + 2 * 2 * w + 2 * 4 * w) + 2 * 256
     head = 4 * w * 9 * 256 + 256 * 10 + 10
-    # (the class docstring says "about 0.3M"; the 1152 x 256 head alone is 0.29M)
     assert models.count_parameters(net) == convs + bns + head == 584874
 
 
@@ -65,7 +65,6 @@ def test_facade_fcn_flops_256():
     hw, half = 256 * 256, 128 * 128
     by_hand = 2 * (3 * 64 * 9 * hw + 64 * 64 * 9 * hw + 64 * 64 * 4 * half + 64 * 128 * 9 * hw
                    + 128 * 128 * 9 * hw + 128 * 128 * 4 * half + 128 * 5 * 25 * hw)
-    assert by_hand == pytest.approx(38.8e9, rel=0.01)
     assert flops == pytest.approx(38.8e9, rel=0.01)
     assert flops == pytest.approx(by_hand, rel=1e-3)
     assert net.training  # forward_flops restores the mode

@@ -1,8 +1,12 @@
-"""Part 1 end to end on the real Fashion-MNIST files (small: 2000 training images, 2 epochs)."""
+"""Part 1 end to end (small: 2000 training images, 2 epochs) on the real Fashion-MNIST files when
+data_dir has them, else on a synthetic folder of the same shape (conftest.fashion_data: 2000 train /
+1000 test images, balanced labels). Expected test-set counts come from ``fashion_data``; the
+fashion_net smoke test needs the real set (skips without it, fails with REQUIRE_DATA=1)."""
 from __future__ import annotations
 
 import base64
 import csv
+import math
 import re
 
 import pytest
@@ -23,10 +27,10 @@ def run_part1(*argv):
 
 
 @pytest.fixture(scope="module")
-def part1_run(fashion_root, tmp_path_factory):
+def part1_run(fashion_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("part1") / "run"
-    returned = run_part1("--data-root", fashion_root, "--train-limit", 2000, "--epochs", 2,
-                         "--eval-batch-size", 2000, "--output-dir", out, "--threads", 2)
+    returned = run_part1("--data-root", fashion_data.root, "--no-download", "--train-limit", 2000,
+                         "--epochs", 2, "--eval-batch-size", 2000, "--output-dir", out, "--threads", 2)
     return out, returned
 
 
@@ -58,15 +62,16 @@ def test_run_folder_files(part1_run):
     assert float(rows[1]["lr"]) == pytest.approx(peak)
 
 
-def test_results_json(part1_run):
+def test_results_json(part1_run, fashion_data):
     run_dir, returned = part1_run
     res = utils.read_json(run_dir / "results.json")
     assert 0 <= res["test_accuracy"] <= 1
     assert list(res["per_class_accuracy"]) == datasets.FASHION_CLASSES
     cm = torch.tensor(res["confusion_matrix"])
-    assert cm.shape == (10, 10) and int(cm.sum()) == 10000
-    assert cm.sum(1).tolist() == [1000] * 10  # the real test set: 1000 per class
-    assert res["test_accuracy"] == pytest.approx(cm.diag().sum().item() / 10000, abs=1e-12)
+    # every test image counted once, in its own class's row (real set: 1000 per class)
+    assert cm.shape == (10, 10) and int(cm.sum()) == fashion_data.n_test
+    assert cm.sum(1).tolist() == list(fashion_data.test_counts)
+    assert res["test_accuracy"] == pytest.approx(cm.diag().sum().item() / fashion_data.n_test, abs=1e-12)
     per_class = (cm.diag().double() / cm.sum(1)).tolist()
     assert list(res["per_class_accuracy"].values()) == pytest.approx(per_class, abs=1e-12)
     assert res["mean_per_class_accuracy"] == pytest.approx(sum(per_class) / 10, abs=1e-12)
@@ -129,13 +134,14 @@ def _predict(ckpt, images_u8, batch=2000):
     return torch.cat(preds)
 
 
-def test_independent_recomputation(part1_run, fashion_root):
+def test_independent_recomputation(part1_run, fashion_data):
     run_dir, _ = part1_run
     res = utils.read_json(run_dir / "results.json")
     ckpt = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
-    images, labels = datasets.load_fashion_split(fashion_root, "test")
+    images, labels = datasets.load_fashion_split(fashion_data.root, "test")
+    assert torch.bincount(labels, minlength=10).tolist() == list(fashion_data.test_counts)
     # normalisation = mean/std of the training split (first 2000 images, seeded 80 % split)
-    train_x, _ = datasets.load_fashion_split(fashion_root, "train")
+    train_x, _ = datasets.load_fashion_split(fashion_data.root, "train")
     tr_idx, _ = datasets.split_train_val(2000, 0.2, 0)
     mean, std = datasets.channel_stats(train_x[:2000][tr_idx])
     assert ckpt["normalization"]["mean"] == pytest.approx(mean) and ckpt["normalization"]["std"] == pytest.approx(std)
@@ -147,12 +153,12 @@ def test_independent_recomputation(part1_run, fashion_root):
         assert abs((pred[mask] == c).double().mean().item() - res["per_class_accuracy"][name]) < 1e-9
 
 
-def test_eval_only_reproduces(part1_run, fashion_root, tmp_path):
+def test_eval_only_reproduces(part1_run, fashion_data, tmp_path):
     run_dir, _ = part1_run
     res = utils.read_json(run_dir / "results.json")
     other = tmp_path / "eval"
-    out = run_part1("--eval-only", run_dir / "checkpoints" / "best.pt", "--data-root", fashion_root,
-                    "--train-limit", 2000, "--eval-batch-size", 2000, "--output-dir", other)
+    out = run_part1("--eval-only", run_dir / "checkpoints" / "best.pt", "--data-root", fashion_data.root,
+                    "--no-download", "--train-limit", 2000, "--eval-batch-size", 2000, "--output-dir", other)
     res2 = utils.read_json(other / "results.json")
     assert res2["test_accuracy"] == res["test_accuracy"]
     assert res2["confusion_matrix"] == res["confusion_matrix"]
@@ -174,8 +180,9 @@ def test_report_only_rebuilds(part1_run):
 
 
 # ----------------------------------------------------------------------------- resume equivalence
-def test_resume_equals_uninterrupted(fashion_root, tmp_path):
-    common = ["--data-root", fashion_root, "--train-limit", 1000, "--epochs", 2, "--eval-batch-size", 2000]
+def test_resume_equals_uninterrupted(fashion_data, tmp_path):
+    common = ["--data-root", fashion_data.root, "--no-download", "--train-limit", 1000, "--epochs", 2,
+              "--eval-batch-size", 2000]
     a, b = tmp_path / "A", tmp_path / "B"
     run_part1(*common, "--output-dir", a)
     run_part1(*common, "--output-dir", b, "--stop-after-epochs", 1)
@@ -198,14 +205,21 @@ def test_resume_equals_uninterrupted(fashion_root, tmp_path):
 
 
 def test_val_fraction_zero_tests_the_final_epoch(make_fashion_root, tmp_path):
-    """--val-fraction 0 is accepted (range [0, 1)), but with no validation images every val_accuracy is 0,
-    so 'best' stays epoch 1 and the test results silently come from the first epoch, not the trained model."""
+    """--val-fraction 0 (range [0, 1)) trains on every image; with no validation set the val_ columns are
+    NaN and each epoch replaces the kept one, so best.pt and the test results are the final epoch's."""
     root = make_fashion_root(tmp_path / "fm", n_train=40, n_test=20)
     out = tmp_path / "run"
     run_part1("--data-root", root, "--no-download", "--val-fraction", 0, "--epochs", 3, "--batch-size", 20,
               "--eval-batch-size", 20, "--output-dir", out)
     res = utils.read_json(out / "results.json")
     assert res["checkpoint_epoch"] == 3, f"tested the weights of epoch {res['checkpoint_epoch']} of 3"
+    rows = _metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(math.isnan(float(r[k])) for r in rows for k in ("val_loss", "val_accuracy"))
+    best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    last = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == last["epoch"] == 3
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
 
 
 def test_fashion_net_smoke(fashion_root, tmp_path):
