@@ -40,17 +40,19 @@ RECIPES = {
                         schedule="cosine", warmup_epochs=1, label_smoothing=0.1,
                         augment="translate_flip"),
 }
-AUGMENTATIONS = {"none": None, "translate_flip": datasets.random_translate_flip}
+AUGMENTATIONS = {"none": None, "translate_flip": datasets.random_translate_flip,
+                 "translate_flip_erase": datasets.random_translate_flip_erase}
 FIGURES = [
     *report.TRAINING_FIGURES,
     report.Figure("figures/per_class_accuracy.png", "Per-class test accuracy",
                   "Share of each class's 1,000 test images classified correctly."),
     report.CONFUSION_FIGURE,
     report.Figure("figures/correct_examples.png", "Correctly classified test images",
-                  "The first two correctly classified test images of every class."),
+                  "The first two correctly classified test images of every class (a column per "
+                  "class; an empty cell where the network got none right).", wide=True),
     report.Figure("figures/incorrect_examples.png", "Misclassified test images",
                   "The first two misclassified test images of every class, with what the "
-                  "network took them for."),
+                  "network took them for.", wide=True),
     report.Figure("figures/conv1_filters.png", "First-layer filters",
                   "The 32 learned 3x3 kernels of conv1, each scaled to its own range."),
     report.Figure("figures/conv2_filters.png", "Second-layer filters",
@@ -71,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="use only the first N of the 60,000 training images (before the split)")
     d.add_argument("--augment", choices=sorted(AUGMENTATIONS),
                    help="training augmentation (default: per model; translate_flip = shifts of "
-                        "up to 2 px and left-right flips)")
+                        "up to 2 px and left-right flips; _erase adds random erasing)")
     cli.add_common_args(parser, models=models.models_for(TASK), default_model=DEFAULTS["model"],
                         eval_batch_size=2000, output_root=OUTPUT_ROOT)
     parser.add_argument("--label-smoothing", type=cli.float_in(0, 1, high_open=True),
@@ -203,7 +205,7 @@ def report_page(results: dict) -> report.Page:
                                      f"{results['checkpoint_epoch']})", "")]
     if "epochs_trained" in results:
         summary += [("epochs", str(results["epochs_trained"]), ""),
-                    ("training time", f"{results['train_time_s'] / 60:.1f} min", ""),
+                    ("training time", report.duration(results["train_time_s"]), ""),
                     ("training images/s", f"{results['train_images_per_s']:.0f}", "")]
     per_class = results["per_class_accuracy"]
     lines = [f"{n} = {100 * v:.1f}%" for n, v in per_class.items()]
@@ -215,19 +217,29 @@ def report_page(results: dict) -> report.Page:
 
 
 def plot_examples(test_split, predictions: torch.Tensor, fig_dir: Path, per_class: int = 2):
-    """Two correctly and two wrongly classified test images of every class, titled
-    true/predicted."""
+    """The first ``per_class`` correctly and wrongly classified test images of every class: a
+    column per class, a row per example (an empty cell where a class has too few)."""
     images, labels = test_split[0].cpu(), test_split[1].cpu()
+    predictions = predictions.cpu()
     for kind, want_correct in (("correct", True), ("incorrect", False)):
-        picks = []
-        for c in range(len(NAMES)):
-            mask = (labels == c) & ((predictions == labels) == want_correct)
-            picks.extend(torch.nonzero(mask).flatten()[:per_class].tolist())
-        titles = [f"true: {NAMES[labels[i]]}\npred: {NAMES[predictions[i]]}" for i in picks]
-        report.plot_image_grid([images[i, 0].numpy() for i in picks], titles,
-                               fig_dir / f"{kind}_examples.png", cols=4,
-                               title=f"{kind.capitalize()} test examples ({per_class} per class)",
-                               cmap="gray", title_colors=["green" if want_correct else "red"] * len(picks))
+        columns = [torch.nonzero((labels == c) & ((predictions == labels) == want_correct))
+                   .flatten()[:per_class].tolist() for c in range(len(NAMES))]
+        tiles, titles, colors = [], [], []
+        for row in range(per_class):
+            for c, picks in enumerate(columns):
+                if row >= len(picks):  # an empty cell, the class named once at the top
+                    tiles.append(None)
+                    titles.append(f"{NAMES[c]}\n(none)" if row == 0 else "")
+                    colors.append("gray")
+                    continue
+                i = picks[row]
+                tiles.append(images[i, 0].numpy())
+                titles.append(NAMES[c] if want_correct
+                              else f"true: {NAMES[c]}\npred: {NAMES[predictions[i]]}")
+                colors.append("green" if want_correct else "red")
+        report.plot_image_grid(tiles, titles, fig_dir / f"{kind}_examples.png", cols=len(NAMES),
+                               title=f"{kind.capitalize()} test examples (first {per_class} "
+                                     "per class)", cmap="gray", tile=1.25, title_colors=colors)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ NUM_CLASSES = len(NAMES)
 REFERENCE_AP = {"others": 0.607, "facade": 0.768, "pillar": 0.122, "window": 0.780,
                 "balcony": 0.417}  # the reference report; mean 0.539
 DEFAULTS = {"model": "facade_fcn", "data": "data/facade", "train_range": [0, 799],
-            "val_range": [800, 899], "test_range": [0, 109], "crop": 256}
+            "val_range": [800, 899], "test_range": [0, 109], "crop": 256,
+            "crop_scale": [0.6, 1.25]}
 RECIPES = {
     # The reference: Adam 1e-3, weight decay 1e-5, batch 25, plain cross-entropy, no augmentation.
     "facade_fcn": dict(epochs=30, batch_size=25, lr=1e-3, weight_decay=1e-5, optimizer="adam",
@@ -54,7 +55,7 @@ FIGURES = [
     report.CONFUSION_FIGURE,
     report.Figure("figures/predictions.png", "Test predictions",
                   "Fixed test images: the photo, the ground truth and the network's prediction, "
-                  "in the dataset's class colours."),
+                  "in the dataset's class colours (key under the images).", wide=True),
 ]
 
 
@@ -75,6 +76,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--crop", type=cli.POSITIVE_INT, metavar="PX",
                    help="training crop of scale_crop_flip_jitter; a multiple of the model's size "
                         "multiple (default: 256)")
+    d.add_argument("--crop-scale", type=cli.float_in(0, low_open=True), nargs=2,
+                   metavar=("LO", "HI"),
+                   help="side of the random box, as a share of the image side, that is resized "
+                        "to --crop: 0.5 0.5 with --crop 128 keeps 256-px images at their scale "
+                        "(default: 0.6 1.25)")
     d.add_argument("--num-examples", type=cli.POSITIVE_INT, default=6, metavar="N",
                    help="test images in the prediction figure (default: 6)")
     cli.add_common_args(parser, models=models.models_for(TASK), default_model=DEFAULTS["model"],
@@ -138,7 +144,8 @@ def build_loaders(args, rt: utils.Runtime, splits: dict, normalization: dict):
     augment = None
     if args.augment == "scale_crop_flip_jitter":
         def augment(x, y, g, rows, total):
-            return datasets.random_scale_crop_flip_jitter(x, y, g, rows, total, crop=args.crop)
+            return datasets.random_scale_crop_flip_jitter(x, y, g, rows, total, crop=args.crop,
+                                                          scale_range=tuple(args.crop_scale))
     train = datasets.TensorLoader(*splits["train"], args.batch_size, train=True, augment=augment,
                                   **common)
     val = datasets.TensorLoader(*splits["val"], args.eval_batch_size, train=False, **common)
@@ -247,7 +254,7 @@ def report_page(results: dict) -> report.Page:
                                      f"{results['checkpoint_epoch']})", "")]
     if "epochs_trained" in results:
         summary += [("epochs", str(results["epochs_trained"]), ""),
-                    ("training time", f"{results['train_time_s'] / 60:.1f} min", "")]
+                    ("training time", report.duration(results["train_time_s"]), "")]
     table = [[n, f"{results['ap'][n]:.4f}", f"{REFERENCE_AP[n]:.3f}",
               f"{results['ap_softmax'][n]:.4f}", f"{results['iou'][n]:.4f}"] for n in NAMES]
     tables = [("Per-class results on test pixels",
@@ -258,7 +265,8 @@ def report_page(results: dict) -> report.Page:
 
 
 def plot_predictions(model, rt, test_split, normalization, count: int, path: Path) -> None:
-    """image | ground truth | prediction for ``count`` evenly spaced (fixed) test images."""
+    """image | ground truth | prediction for ``count`` evenly spaced (fixed) test images, two
+    to a row, with the class colours' key under them."""
     images, labels = test_split
     picks = torch.linspace(0, len(images) - 1, min(count, len(images))).long().tolist()
     x = datasets.normalize(images[picks], normalization["mean"], normalization["std"])
@@ -267,8 +275,9 @@ def plot_predictions(model, rt, test_split, normalization, count: int, path: Pat
     for k, i in enumerate(picks):
         tiles += [images[i].permute(1, 2, 0).cpu().numpy(), datasets.colorize(labels[i].cpu()),
                   datasets.colorize(preds[k])]
-        titles += [f"test image {i}", "ground truth", "prediction"]
-    report.plot_image_grid(tiles, titles, path, cols=3, title="Test predictions",
+        titles += [f"test image {i}", f"image {i}: ground truth", f"image {i}: prediction"]
+    report.plot_image_grid(tiles, titles, path, cols=6 if len(picks) > 1 else 3, tile=1.9,
+                           title="Test predictions",
                            legend=list(zip(NAMES, datasets.FACADE_PALETTE)))
 
 

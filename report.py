@@ -19,11 +19,13 @@ class Figure:
     path: str  # relative to the run folder
     title: str
     explanation: str
+    wide: bool = False  # the page's full width (image grids), else half of it
 
 
 @dataclass
 class Page:
-    """One run's report: a summary (ours beside the reference), tables, figures, console lines."""
+    """One run's report: a summary (rows with a reference value are shown beside it, the others
+    as this run's details), tables, figures, console lines."""
     title: str
     summary: list[tuple[str, str, str]]  # (quantity, this run, reference report)
     tables: list[tuple[str, list[str], list[list]]] = field(default_factory=list)
@@ -60,6 +62,7 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, ylabel: str, titl
     for key in keys:
         ax.plot(epochs, [r[key] for r in rows], marker="o", ms=3, label=key.replace("_", " "))
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(_plt().MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
@@ -67,18 +70,21 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, ylabel: str, titl
 
 def plot_bars(names: list[str], values: list[float], path: Path, ylabel: str, title: str,
               reference: list[float] | None = None) -> None:
-    """Per-class values, with the reference report's values as hatched bars beside them."""
+    """Per-class values, with the reference report's values as hatched bars beside them (the
+    legend above 1, where it hides no bar)."""
     fig, ax = _plt().subplots(figsize=(max(5, 0.8 * len(names)), 4))
     x = np.arange(len(names))
     width = 0.4 if reference else 0.8
     bars = ax.bar(x, values, width, color="tab:blue", label="this run")
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7)
     if reference:
-        ax.bar(x + width, reference, width, color="white", edgecolor="gray", hatch="//",
-               label="reference report")
-        ax.legend(loc="lower right", fontsize=8)
+        ref = ax.bar(x + width, reference, width, color="white", edgecolor="gray", hatch="//",
+                     label="reference report")
+        ax.bar_label(ref, labels=[f"{v:.3f}" for v in reference], fontsize=7, color="gray")
+        ax.legend(loc="upper center", ncol=2, fontsize=8)
     ax.set_xticks(x + (width / 2 if reference else 0), names, rotation=45, ha="right")
-    ax.set(ylabel=ylabel, title=title, ylim=(0, 1.05))
+    ax.set(ylabel=ylabel, title=title, ylim=(0, 1.22 if reference else 1.05),
+           yticks=np.linspace(0, 1, 6))
     save_figure(fig, path)
 
 
@@ -98,25 +104,28 @@ def plot_confusion(matrix, names: list[str], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def plot_image_grid(images: list[np.ndarray], titles: list[str], path: Path, cols: int,
-                    title: str, cmap: str | None = None, title_colors: list[str] | None = None,
-                    legend: list[tuple[str, tuple[int, int, int]]] | None = None) -> None:
-    """Images in a grid; ``legend`` adds a colour key (class name, RGB) under the grid."""
+def plot_image_grid(images: list, titles: list[str], path: Path, cols: int, title: str,
+                    cmap: str | None = None, title_colors: list[str] | None = None,
+                    legend: list[tuple[str, tuple[int, int, int]]] | None = None,
+                    tile: float = 1.6) -> None:
+    """Images in a grid of ``tile``-inch cells (None leaves a cell empty); ``legend`` adds a
+    colour key (class name, RGB) right under the grid."""
     plt = _plt()
     rows = max(1, math.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.75 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(tile * cols, (tile + 0.3) * rows + 0.5),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for k, (img, t) in enumerate(zip(images, titles)):
-        ax = axes.flat[k]
-        ax.imshow(img, cmap=cmap, interpolation="nearest")
-        ax.set_title(t, fontsize=7, color=(title_colors[k] if title_colors else "black"))
+        if img is not None:
+            axes.flat[k].imshow(img, cmap=cmap, interpolation="nearest")
+        axes.flat[k].set_title(t, fontsize=7, color=title_colors[k] if title_colors else "black")
     if legend:
         from matplotlib.patches import Patch
         handles = [Patch(facecolor=np.array(rgb) / 255, edgecolor="gray", label=name)
                    for name, rgb in legend]
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7,
-                   bbox_to_anchor=(0.5, -0.02))
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
+                   title="class colours", title_fontsize=9, frameon=False)
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -167,7 +176,7 @@ def finish_run(run_dir: Path, results: dict, page: Page, class_names: list[str],
         accuracy = [k for k in ("train_accuracy", "val_accuracy") if k in rows[0]]
         plot_curves(rows, accuracy, run_dir / TRAINING_FIGURES[1].path, "accuracy",
                     "Accuracy per epoch")
-    plot_confusion(results["confusion_matrix"], class_names, run_dir / "figures/confusion_matrix.png",
+    plot_confusion(results["confusion_matrix"], class_names, run_dir / CONFUSION_FIGURE.path,
                    "Test confusion matrix (each row sums to 1)")
     report = write_report(run_dir, page)
     (log.info if log else print)("\n".join([*page.lines, f"Report: {report}"]))
@@ -179,39 +188,74 @@ CONFUSION_FIGURE = Figure("figures/confusion_matrix.png", "Confusion matrix",
                           "classified; the diagonal is each class's accuracy.")
 
 
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1.5em;color:#222;
+line-height:1.4}
+h1{margin-bottom:.2em}h2{margin:1.2em 0 .4em;font-size:1.25em}h3{margin:0 0 .2em;font-size:1.05em}
+p.why{color:#555;margin:0 0 .5em;font-size:.92em}
+.tables{display:flex;flex-wrap:wrap;gap:0 3em;align-items:flex-start}
+table{border-collapse:collapse;margin:.3em 0 1em;font-size:.92em;display:block;
+overflow-x:auto;max-width:100%}
+td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}tr:nth-child(even) td{background:#fafafa}
+.figures{display:grid;grid-template-columns:1fr 1fr;gap:1.5em}
+figure{margin:0;padding:1em;border:1px solid #e4e4e4;border-radius:6px;min-width:0}
+figure.wide{grid-column:1/-1}figure img{display:block;max-width:100%;margin:auto}
+@media(max-width:800px){.figures{grid-template-columns:1fr}}
+"""
+
+
 def write_report(run_dir: Path, page: Page) -> Path:
-    """A self-contained report.html: summary beside the reference, tables, every figure
-    embedded as base64 PNG under a title and one line of explanation."""
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-             "color:#222}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-             "th{background:#f3f3f3}td:first-child{text-align:left}"
-             "img{max-width:100%;margin:.5em 0 1.5em}p.why{color:#555;margin:.2em 0}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(page.title)}"
-             f"</title><style>{style}</style></head><body><h1>{html.escape(page.title)}</h1>",
-             html_table(["", "this run", "reference report"], [list(r) for r in page.summary])]
-    for heading, header, rows in page.tables:
-        parts += [f"<h2>{html.escape(heading)}</h2>", html_table(header, rows)]
-    parts.append("<h2>Figures</h2>")
-    for figure in page.figures:
-        path = run_dir / figure.path
-        if path.exists():
-            data = base64.b64encode(path.read_bytes()).decode()
-            parts.append(f"<h3>{html.escape(figure.title)}</h3>"
-                         f"<p class='why'>{html.escape(figure.explanation)}</p>"
-                         f"<img alt='{html.escape(figure.title)}' "
-                         f"src='data:image/png;base64,{data}'>")
-    parts.append("</body></html>")
+    """A self-contained report.html: the results beside the reference report's, this run's
+    details, the tables, then every figure embedded as base64 PNG under a title and one line of
+    explanation (two to a row; wide ones across the page)."""
+    compared = [list(r) for r in page.summary if r[2]]
+    details = [list(r[:2]) for r in page.summary if not r[2]]
+    blocks = [[("Compared with the reference report", ["result", "this run", "reference report"],
+                compared), ("This run", [], details)], *([t] for t in page.tables)]
+    tables = "".join("<div>" + "".join(f"<h2>{html.escape(heading)}</h2>{html_table(head, rows)}"
+                                       for heading, head, rows in column if rows) + "</div>"
+                     for column in blocks)
+    figures = "".join(figure_html(run_dir, f) for f in page.figures)
     out = run_dir / "report.html"
-    utils.write_text(out, "\n".join(parts))
+    utils.write_text(out, html_page(page.title, [f"<div class='tables'>{tables}</div>",
+                                                 f"<div class='figures'>{figures}</div>"]))
     return out
 
 
+def html_page(title: str, body: list[str]) -> str:
+    """A self-contained HTML page in the reports' style: ``title`` as heading, then ``body``."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def figure_html(folder: Path, figure: Figure, missing: str = "") -> str:
+    """The figure's title, its line of explanation and its PNG embedded; if the PNG is missing,
+    the title and ``missing`` (or nothing, without it)."""
+    path, title = folder / figure.path, html.escape(figure.title)
+    if not path.is_file():
+        return f"<figure class=wide><h3>{title}</h3><p>{html.escape(missing)}</p></figure>\n" \
+            if missing else ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f"<figure{' class=wide' if figure.wide else ''}><h3>{title}</h3>"
+            f"<p class='why'>{html.escape(figure.explanation)}</p>"
+            f"<img alt='{title}' src='data:image/png;base64,{data}'></figure>\n")
+
+
 def html_table(header: list[str], rows: list[list]) -> str:
+    """Cells escaped, floats to 4 significant digits; no header row when ``header`` is empty."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in r) + "</tr>"
                    for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{f'<tr>{head}</tr>' if header else ''}{body}</table>"
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3.5 min' or '2.1 h'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _cell(value) -> str:
