@@ -3,15 +3,18 @@
     python benchmark.py                         # both parts, fp32 and bf16 AMP, CPU or CUDA
     python benchmark.py --parts 1 --compile     # also time torch.compile for Part 1
     python benchmark.py --amp-dtypes bf16 fp16  # on CUDA
-    python benchmark.py --synthetic 1           # random Part 1 data of the real shape (no dataset needed)
+    python benchmark.py --synthetic 1           # random Part 1 data of the real shape
+                                                # (no dataset needed)
 
 Naive pipelines (written here, as a first implementation would be):
-  Part 1: a torchvision-style Dataset (uint8 -> PIL -> ToTensor -> Normalize per sample) and a DataLoader.
+  Part 1: a torchvision-style Dataset (uint8 -> PIL -> ToTensor -> Normalize per sample) and a
+  DataLoader.
   Part 2: batch size 1 with one-hot (5, H, W) int64 labels, fp32, for training and evaluation.
 Ours: datasets.TensorLoader + engine.train_one_epoch / engine.evaluate, fp32 and --amp.
 Also reports each rate as a fraction of this machine's measured matmul peak and, for Part 2, mean AP
 after the same short training in fp32 and with AMP. Prints a table; writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,35 +29,93 @@ from PIL import Image
 
 import datasets
 import engine
+import runfiles
 import utils
 from metrics import PixelScores
 from models import build_model, forward_flops
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Images/s of training and evaluation: project pipeline vs naive pipeline.")
-    p.add_argument("--parts", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="which parts (default: 1 2)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    p.add_argument("--amp-dtypes", nargs="+", default=None, choices=["bf16", "fp16"],
-                   help="AMP variants to time besides fp32 (default: bf16 on CPU, bf16 fp16 on CUDA)")
+    p = argparse.ArgumentParser(
+        description="Images/s of training and evaluation: project pipeline vs naive pipeline."
+    )
+    p.add_argument(
+        "--parts",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        choices=[1, 2],
+        help="which parts (default: 1 2)",
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto"
+    )
+    p.add_argument(
+        "--amp-dtypes",
+        nargs="+",
+        default=None,
+        choices=["bf16", "fp16"],
+        help="AMP variants to time besides fp32 (default: bf16 on CPU, bf16 fp16 on CUDA)",
+    )
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants")
-    p.add_argument("--fashion-root", default="data/fashion-mnist", metavar="DIR", help="Fashion-MNIST IDX folder")
-    p.add_argument("--facade-root", default="data/facade", metavar="DIR", help="facade dataset folder")
-    p.add_argument("--synthetic", type=int, nargs="*", default=None, choices=[1, 2], metavar="PART",
-                   help="random uint8 data of the real shapes instead of the dataset, for the parts named (none named: both)")
-    p.add_argument("--scale", type=float, default=None, metavar="X",
-                   help="multiply the number of timed steps (default: 1 on CPU, 10 on CUDA)")
-    p.add_argument("--ap-steps", type=int, default=None, metavar="N",
-                   help="Part 2 training steps (batch 8) before the fp32-vs-AMP mean-AP check (default: 10 CPU, 100 CUDA)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: torch's choice)")
-    p.add_argument("--output", default=None, metavar="JSON", help="result file (default: outputs/benchmark/<device>.json)")
+    p.add_argument(
+        "--fashion-root",
+        default="data/fashion-mnist",
+        metavar="DIR",
+        help="Fashion-MNIST IDX folder",
+    )
+    p.add_argument(
+        "--facade-root", default="data/facade", metavar="DIR", help="facade dataset folder"
+    )
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        nargs="*",
+        default=None,
+        choices=[1, 2],
+        metavar="PART",
+        help="random uint8 data of the real shapes instead of the dataset, for the parts named "
+        "(none named: both)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        metavar="X",
+        help="multiply the number of timed steps (default: 1 on CPU, 10 on CUDA)",
+    )
+    p.add_argument(
+        "--ap-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Part 2 training steps (batch 8) before the fp32-vs-AMP mean-AP check "
+        "(default: 10 CPU, 100 CUDA)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: torch's choice)",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="JSON",
+        help="result file (default: outputs/benchmark/<device>.json)",
+    )
     return p
 
 
 def runtime(device: str, amp_dtype: str | None, channels_last: bool) -> utils.Runtime:
-    return utils.setup_runtime(device=device, amp=amp_dtype is not None,
-                               amp_dtype=amp_dtype or "bf16", channels_last=channels_last,
-                               progress=False)
+    return utils.setup_runtime(
+        device=device,
+        amp=amp_dtype is not None,
+        amp_dtype=amp_dtype or "bf16",
+        channels_last=channels_last,
+        progress=False,
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -65,7 +126,10 @@ def sync(device: torch.device) -> None:
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul: the machine's practical ceiling for this dtype."""
     n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (
+        torch.randn(n, n, device=device, dtype=dtype),
+        torch.randn(n, n, device=device, dtype=dtype),
+    )
     for _ in range(2):
         a @ b
     sync(device)
@@ -74,7 +138,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def timed(fn, device) -> float:
@@ -91,8 +155,11 @@ class NaiveFashion(torch.utils.data.Dataset):
 
     def __init__(self, images, labels, mean, std):
         from torchvision import transforms
+
         self.images, self.labels = images.numpy(), labels.numpy()
-        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+        self.transform = transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize(mean, std)]
+        )
 
     def __len__(self):
         return len(self.images)
@@ -102,7 +169,8 @@ class NaiveFashion(torch.utils.data.Dataset):
 
 
 class NaiveFacade(torch.utils.data.Dataset):
-    """The reference's style: HWC float arrays normalised per sample, one-hot (C, H, W) int64 labels."""
+    """The reference's style: HWC float arrays normalised per sample, one-hot (C, H, W) int64
+    labels."""
 
     def __init__(self, images, labels, mean, std):
         self.images = images.permute(0, 2, 3, 1).numpy()
@@ -173,8 +241,12 @@ def synthetic(args, part: int) -> bool:
 def load_part1(args):
     if synthetic(args, 1):
         g = torch.Generator().manual_seed(0)
-        return torch.randint(0, 256, (12000, 1, 28, 28), dtype=torch.uint8, generator=g), torch.randint(0, 10, (12000,), generator=g)
-    images, labels = datasets.load_fashion_split(datasets.locate_fashion_mnist(Path(args.fashion_root), download=False), "train")
+        return torch.randint(
+            0, 256, (12000, 1, 28, 28), dtype=torch.uint8, generator=g
+        ), torch.randint(0, 10, (12000,), generator=g)
+    images, labels = datasets.load_fashion_split(
+        datasets.locate_fashion_mnist(Path(args.fashion_root), download=False), "train"
+    )
     return images[:12000], labels[:12000]
 
 
@@ -184,18 +256,32 @@ def bench_part1(args, device: str, variants, scale: float, peaks: dict) -> list[
     flops = forward_flops(build_model("sigmoid_cnn"), (1, 1, 28, 28))
     rows = []
     rt = runtime(device, None, False)
-    naive_loader = torch.utils.data.DataLoader(NaiveFashion(images, labels, mean, std), batch_size=500, shuffle=True)
+    naive_loader = torch.utils.data.DataLoader(
+        NaiveFashion(images, labels, mean, std), batch_size=500, shuffle=True
+    )
     torch.manual_seed(0)
     steps = max(4, int(8 * scale))
-    rate = timed(lambda: naive_train(build_model("sigmoid_cnn").to(rt.device), naive_loader, rt.device, steps, False), rt.device)
+    rate = timed(
+        lambda: naive_train(
+            build_model("sigmoid_cnn").to(rt.device), naive_loader, rt.device, steps, False
+        ),
+        rt.device,
+    )
     rows.append(row("part1", "naive", "fp32", "train", rate, flops * 3, peaks["fp32"]))
-    eval_loader = torch.utils.data.DataLoader(NaiveFashion(images, labels, mean, std), batch_size=2000)
-    rate = timed(lambda: naive_eval(build_model("sigmoid_cnn").to(rt.device), eval_loader, rt.device, 6), rt.device)
+    eval_loader = torch.utils.data.DataLoader(
+        NaiveFashion(images, labels, mean, std), batch_size=2000
+    )
+    rate = timed(
+        lambda: naive_eval(build_model("sigmoid_cnn").to(rt.device), eval_loader, rt.device, 6),
+        rt.device,
+    )
     rows.append(row("part1", "naive", "fp32", "eval", rate, flops, peaks["fp32"]))
     for amp, channels_last, compile_model in variants:
         rt = runtime(device, amp, channels_last)
         on = images.to(rt.device), labels.to(rt.device)
-        train_loader = datasets.TensorLoader(*on, 500, mean=mean, std=std, train=True, augment=datasets.random_translate_flip)
+        train_loader = datasets.TensorLoader(
+            *on, 500, mean=mean, std=std, train=True, augment=datasets.random_translate_flip
+        )
         eval_loader = datasets.TensorLoader(*on, 2000, mean=mean, std=std, train=False)
         name = variant_name(amp, channels_last, compile_model)
         torch.manual_seed(0)
@@ -209,8 +295,11 @@ def bench_part1(args, device: str, variants, scale: float, peaks: dict) -> list[
 def load_part2(args, count: int):
     if synthetic(args, 2):
         g = torch.Generator().manual_seed(0)
-        return (torch.randint(0, 256, (count, 3, 256, 256), dtype=torch.uint8, generator=g),
-                torch.randint(0, 5, (count, 256, 256), dtype=torch.uint8, generator=g), None)
+        return (
+            torch.randint(0, 256, (count, 3, 256, 256), dtype=torch.uint8, generator=g),
+            torch.randint(0, 5, (count, 256, 256), dtype=torch.uint8, generator=g),
+            None,
+        )
     root = Path(args.facade_root)
     images, labels = datasets.load_facade_split(root / "train", 0, count - 1)
     test = datasets.load_facade_split(root / "test_dev", 0, min(count, 110) - 1)
@@ -227,10 +316,22 @@ def bench_part2(args, device: str, variants, scale: float, peaks: dict) -> tuple
     rows = []
     rt = runtime(device, None, False)
     torch.manual_seed(0)
-    loader = torch.utils.data.DataLoader(NaiveFacade(images, labels, mean, std), batch_size=1, shuffle=True)
-    rate = timed(lambda: naive_train(build_model("facade_fcn").to(rt.device), loader, rt.device, max(4, int(6 * scale)), True), rt.device)
+    loader = torch.utils.data.DataLoader(
+        NaiveFacade(images, labels, mean, std), batch_size=1, shuffle=True
+    )
+    rate = timed(
+        lambda: naive_train(
+            build_model("facade_fcn").to(rt.device), loader, rt.device, max(4, int(6 * scale)), True
+        ),
+        rt.device,
+    )
     rows.append(row("part2", "naive", "fp32", "train", rate, flops * 3, peaks["fp32"]))
-    rate = timed(lambda: naive_eval(build_model("facade_fcn").to(rt.device), loader, rt.device, max(6, int(10 * scale))), rt.device)
+    rate = timed(
+        lambda: naive_eval(
+            build_model("facade_fcn").to(rt.device), loader, rt.device, max(6, int(10 * scale))
+        ),
+        rt.device,
+    )
     rows.append(row("part2", "naive", "fp32", "eval", rate, flops, peaks["fp32"]))
     for amp, channels_last, compile_model in variants:
         rt = runtime(device, amp, channels_last)
@@ -241,7 +342,14 @@ def bench_part2(args, device: str, variants, scale: float, peaks: dict) -> tuple
         rate = ours_train(build_model("facade_fcn"), train_loader, rt, train_steps, compile_model)
         rows.append(row("part2", "ours", name, "train", rate, flops * 3, peaks[amp or "fp32"]))
         eval_count = 200 if cuda else 20
-        eval_loader = datasets.TensorLoader(on[0][:eval_count], on[1][:eval_count], 25 if cuda else 10, mean=mean, std=std, train=False)
+        eval_loader = datasets.TensorLoader(
+            on[0][:eval_count],
+            on[1][:eval_count],
+            25 if cuda else 10,
+            mean=mean,
+            std=std,
+            train=False,
+        )
         rate = ours_eval(build_model("facade_fcn"), eval_loader, rt, compile_model)
         rows.append(row("part2", "ours", name, "eval", rate, flops, peaks[amp or "fp32"]))
     ap = ap_check(args, device, images, labels, test, mean, std, cuda) if test is not None else {}
@@ -258,13 +366,21 @@ def ap_check(args, device, images, labels, test, mean, std, cuda) -> dict:
         net, _ = utils.prepare_model(build_model("facade_fcn"), rt)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
         sched = engine.build_scheduler(opt, "constant", steps)
-        loader = datasets.TensorLoader(images.to(rt.device), labels.to(rt.device), 8, mean=mean, std=std, train=True)
+        loader = datasets.TensorLoader(
+            images.to(rt.device), labels.to(rt.device), 8, mean=mean, std=std, train=True
+        )
         done = 0
         while done < steps:
             loader.set_epoch(done)
-            done += engine.train_one_epoch(net, loader, engine.CrossEntropy(), opt, sched, rt, 0,
-                                           max_steps=steps - done)["images"] // 8
-        test_loader = datasets.TensorLoader(test[0].to(rt.device), test[1].to(rt.device), 10, mean=mean, std=std, train=False)
+            done += (
+                engine.train_one_epoch(
+                    net, loader, engine.CrossEntropy(), opt, sched, rt, 0, max_steps=steps - done
+                )["images"]
+                // 8
+            )
+        test_loader = datasets.TensorLoader(
+            test[0].to(rt.device), test[1].to(rt.device), 10, mean=mean, std=std, train=False
+        )
         result = engine.evaluate(net, test_loader, engine.CrossEntropy(), rt, PixelScores(5))
         out[amp or "fp32"] = result["mean_ap"]
     return out
@@ -272,12 +388,20 @@ def ap_check(args, device, images, labels, test, mean, std, cuda) -> dict:
 
 def row(part, pipeline, precision, phase, rate, flops_per_image, peak) -> dict:
     print(f"  {part} {pipeline:5s} {precision:14s} {phase:5s} {rate:10.1f} images/s", flush=True)
-    return {"part": part, "pipeline": pipeline, "precision": precision, "phase": phase, "images_per_s": rate,
-            "fraction_of_peak": rate * flops_per_image / peak}
+    return {
+        "part": part,
+        "pipeline": pipeline,
+        "precision": precision,
+        "phase": phase,
+        "images_per_s": rate,
+        "fraction_of_peak": rate * flops_per_image / peak,
+    }
 
 
 def variant_name(amp, channels_last, compile_model) -> str:
-    return (amp or "fp32") + ("+cl" if channels_last else "") + ("+compile" if compile_model else "")
+    return (
+        (amp or "fp32") + ("+cl" if channels_last else "") + ("+compile" if compile_model else "")
+    )
 
 
 def amp_dtypes(args, cuda: bool) -> list[str]:
@@ -290,7 +414,10 @@ def main(args) -> dict:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     scale = args.scale or (10 if cuda else 1)
-    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    peaks = {
+        "fp32": matmul_peak(device, torch.float32),
+        "bf16": matmul_peak(device, torch.bfloat16),
+    }
     peaks["fp16"] = matmul_peak(device, torch.float16) if cuda else peaks["bf16"]
     variants = [(None, False, False)] + [(a, False, False) for a in amp_dtypes(args, cuda)]
     variants += [(a, True, False) for a in [None] + amp_dtypes(args, cuda)]
@@ -303,15 +430,26 @@ def main(args) -> dict:
         part2_rows, ap = bench_part2(args, args.device, variants, scale, peaks)
         rows += part2_rows
     add_speedups(rows)
-    info = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "synthetic_parts": [p for p in (1, 2) if synthetic(args, p)],
-            "peak_flops": peaks, "rows": rows, "part2_mean_ap_after_short_training": ap}
+    info = {
+        "device": torch.cuda.get_device_name()
+        if cuda
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "synthetic_parts": [p for p in (1, 2) if synthetic(args, p)],
+        "peak_flops": peaks,
+        "rows": rows,
+        "part2_mean_ap_after_short_training": ap,
+    }
     print(format_table(rows))
     print("peak matmul FLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in peaks.items()))
     if ap:
-        print("Part 2 mean AP after the same short training: " + ", ".join(f"{k} {v}" for k, v in ap.items()))
+        print(
+            "Part 2 mean AP after the same short training: "
+            + ", ".join(f"{k} {v}" for k, v in ap.items())
+        )
     out = Path(args.output or f"outputs/benchmark/{'cuda' if cuda else 'cpu'}.json")
-    utils.write_json(out, info)
+    runfiles.write_json(out, info)
     print(f"wrote {out}")
     return info
 
@@ -324,9 +462,16 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| part | pipeline | precision | phase | images/s | x naive | % of peak |", "|---|---|---|---|---:|---:|---:|"]
-    lines += [f"| {r['part']} | {r['pipeline']} | {r['precision']} | {r['phase']} | {r['images_per_s']:.1f} | "
-              f"{r['speedup_vs_naive']:.2f} | {100 * r['fraction_of_peak']:.1f} |" for r in rows]
+    lines = [
+        "| part | pipeline | precision | phase | images/s | x naive | % of peak |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['part']} | {r['pipeline']} | {r['precision']} | {r['phase']} | "
+        f"{r['images_per_s']:.1f} | "
+        f"{r['speedup_vs_naive']:.2f} | {100 * r['fraction_of_peak']:.1f} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 

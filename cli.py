@@ -5,18 +5,33 @@ Flags that change what a run means (data, split, seed, model, recipe, precision)
 ``None`` in the parser, so that "not given" can be told from "given": ``resolve_args`` then fills
 them from the checkpoint (``--resume``) or from the defaults and the model's recipe.
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 from utils import UserError
 
 # Flags that may differ on --resume: they cannot change the result (speed, where and how much
 # to run now, outputs). --epochs is checked on its own (only a constant schedule can grow).
-RESUME_FREE = {"device", "threads", "no_progress", "time_limit", "stop_after_epochs",
-               "eval_batch_size", "compile", "channels_last", "output_dir", "resume", "eval_only",
-               "report_only", "num_examples", "no_download", "epochs"}
+RESUME_FREE = {
+    "device",
+    "threads",
+    "no_progress",
+    "time_limit",
+    "stop_after_epochs",
+    "eval_batch_size",
+    "compile",
+    "channels_last",
+    "output_dir",
+    "resume",
+    "eval_only",
+    "report_only",
+    "num_examples",
+    "no_download",
+    "epochs",
+}
 COMMON_DEFAULTS = {"seed": 0, "amp": False, "amp_dtype": "bf16", "sync_bn": False}
 
 
@@ -36,13 +51,16 @@ def int_at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
+
     parse.__name__ = f"integer >= {low}"
     return parse
 
 
-def float_in(low: float, high: float = float("inf"), *, low_open: bool = False,
-             high_open: bool = False) -> Callable[[str], float]:
+def float_in(
+    low: float, high: float = float("inf"), *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
     """A float in [low, high], with either end open; nan is refused."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -54,6 +72,7 @@ def float_in(low: float, high: float = float("inf"), *, low_open: bool = False,
             lo, hi = "(" if low_open else "[", ")" if high_open else "]"
             raise argparse.ArgumentTypeError(f"must be in {lo}{low:g}, {high:g}{hi}, got {text}")
         return value
+
     parse.__name__ = "number"
     return parse
 
@@ -62,75 +81,147 @@ POSITIVE_INT, NONNEG_INT = int_at_least(1), int_at_least(0)
 POSITIVE_FLOAT, NONNEG_FLOAT = float_in(0, low_open=True), float_in(0)
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, models: list[str], default_model: str,
-                    eval_batch_size: int, output_root: str) -> None:
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    *,
+    models: list[str],
+    default_model: str,
+    eval_batch_size: int,
+    output_root: str,
+) -> None:
     """Training, recipe, runtime and output flags shared by both scripts."""
     g = parser.add_argument_group("training")
     g.add_argument("--model", choices=sorted(models), help=f"network (default: {default_model})")
-    g.add_argument("--seed", type=NONNEG_INT, metavar="N",
-                   help="seeds the split, initialisation, shuffling and augmentation (default: 0)")
-    g.add_argument("--eval-batch-size", type=POSITIVE_INT, default=eval_batch_size, metavar="N",
-                   help=f"batch size for validation and test (default: {eval_batch_size})")
-    g.add_argument("--max-steps", type=POSITIVE_INT, metavar="N",
-                   help="at most N steps per epoch (smoke tests; default: full epochs)")
-    g.add_argument("--stop-after-epochs", type=POSITIVE_INT, metavar="N",
-                   help="end this invocation after N epochs, keeping the schedule of --epochs "
-                        "(time-boxed jobs; continue with --resume)")
-    g.add_argument("--time-limit", type=POSITIVE_FLOAT, metavar="MIN",
-                   help="stop after the epoch that passes MIN minutes, then test the best epoch")
+    g.add_argument(
+        "--seed",
+        type=NONNEG_INT,
+        metavar="N",
+        help="seeds the split, initialisation, shuffling and augmentation (default: 0)",
+    )
+    g.add_argument(
+        "--eval-batch-size",
+        type=POSITIVE_INT,
+        default=eval_batch_size,
+        metavar="N",
+        help=f"batch size for validation and test (default: {eval_batch_size})",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="at most N steps per epoch (smoke tests; default: full epochs)",
+    )
+    g.add_argument(
+        "--stop-after-epochs",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="end this invocation after N epochs, keeping the schedule of --epochs "
+        "(time-boxed jobs; continue with --resume)",
+    )
+    g.add_argument(
+        "--time-limit",
+        type=POSITIVE_FLOAT,
+        metavar="MIN",
+        help="stop after the epoch that passes MIN minutes, then test the best epoch",
+    )
     r = parser.add_argument_group("recipe (default: per model, see RECIPES in the script)")
     r.add_argument("--epochs", type=POSITIVE_INT, metavar="N", help="epochs to train")
-    r.add_argument("--batch-size", type=POSITIVE_INT, metavar="N",
-                   help="training batch per process; global batch = N x processes")
+    r.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="training batch per process; global batch = N x processes",
+    )
     r.add_argument("--lr", type=POSITIVE_FLOAT, metavar="LR", help="peak learning rate")
     r.add_argument("--weight-decay", type=NONNEG_FLOAT, metavar="WD", help="weight decay")
     r.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="optimiser")
-    r.add_argument("--schedule", choices=["constant", "cosine", "linear"],
-                   help="learning-rate schedule after the warm-up, stepped every batch")
-    r.add_argument("--warmup-epochs", type=NONNEG_FLOAT, metavar="E",
-                   help="linear warm-up length in epochs")
+    r.add_argument(
+        "--schedule",
+        choices=["constant", "cosine", "linear"],
+        help="learning-rate schedule after the warm-up, stepped every batch",
+    )
+    r.add_argument(
+        "--warmup-epochs", type=NONNEG_FLOAT, metavar="E", help="linear warm-up length in epochs"
+    )
     u = parser.add_argument_group("runtime")
-    u.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when available, else the CPU (default: auto)")
-    u.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                   help="mixed precision (autocast) for the forward pass and loss; metrics are "
-                        "always computed from fp32 scores (default: off)")
-    u.add_argument("--amp-dtype", choices=["bf16", "fp16"],
-                   help="autocast dtype; fp16 needs CUDA and uses a gradient scaler (default: bf16)")
-    u.add_argument("--channels-last", action="store_true",
-                   help="channels-last memory format for model and inputs (faster convolutions)")
-    u.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (the first epoch pays the compile time)")
-    u.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
-                   help="under torchrun on CUDA, BatchNorm statistics over the global batch "
-                        "(default: per process)")
-    u.add_argument("--threads", type=POSITIVE_INT, metavar="N",
-                   help="CPU threads for PyTorch (default: torch's choice)")
+    u.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto = CUDA when available, else the CPU (default: auto)",
+    )
+    u.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="mixed precision (autocast) for the forward pass and loss; metrics are "
+        "always computed from fp32 scores (default: off)",
+    )
+    u.add_argument(
+        "--amp-dtype",
+        choices=["bf16", "fp16"],
+        help="autocast dtype; fp16 needs CUDA and uses a gradient scaler (default: bf16)",
+    )
+    u.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last memory format for model and inputs (faster convolutions)",
+    )
+    u.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (the first epoch pays the compile time)",
+    )
+    u.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        help="under torchrun on CUDA, BatchNorm statistics over the global batch "
+        "(default: per process)",
+    )
+    u.add_argument(
+        "--threads",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="CPU threads for PyTorch (default: torch's choice)",
+    )
     u.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     o = parser.add_argument_group("outputs")
-    o.add_argument("--output-dir", metavar="DIR",
-                   help=f"run folder; must not hold another run (default: a new "
-                        f"{output_root}/<time>-<model>; --resume: the checkpoint's run folder; "
-                        "--eval-only: a new RUN/eval-<time>)")
-    o.add_argument("--resume", metavar="CKPT",
-                   help="continue the run of a checkpoint (RUN/checkpoints/last.pt) with its "
-                        "arguments; only speed, device and time flags may differ")
-    o.add_argument("--eval-only", metavar="CKPT",
-                   help="test a checkpoint and write the results into a new folder, no training")
-    o.add_argument("--report-only", metavar="RUN_DIR",
-                   help="rebuild the figures and report.html of a finished run folder")
+    o.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help=f"run folder; must not hold another run (default: a new "
+        f"{output_root}/<time>-<model>; --resume: the checkpoint's run folder; "
+        "--eval-only: a new RUN/eval-<time>)",
+    )
+    o.add_argument(
+        "--resume",
+        metavar="CKPT",
+        help="continue the run of a checkpoint (RUN/checkpoints/last.pt) with its "
+        "arguments; only speed, device and time flags may differ",
+    )
+    o.add_argument(
+        "--eval-only",
+        metavar="CKPT",
+        help="test a checkpoint and write the results into a new folder, no training",
+    )
+    o.add_argument(
+        "--report-only",
+        metavar="RUN_DIR",
+        help="rebuild the figures and report.html of a finished run folder",
+    )
 
 
-def resolve_args(args: argparse.Namespace, *, defaults: dict, recipes: dict,
-                 ckpt: dict | None) -> None:
+def resolve_args(
+    args: argparse.Namespace, *, defaults: dict, recipes: dict, ckpt: dict | None
+) -> None:
     """Fill the flags left unset: from the checkpoint on --resume (a different value given for a
     flag that changes the run is refused), then from the defaults and the model's recipe."""
     if args.resume and args.eval_only:
         raise UserError("give --resume or --eval-only, not both")
     if ckpt is not None:
         if args.model is not None and args.model != ckpt["model_name"]:
-            raise UserError(f"--model {args.model} differs from the checkpoint's "
-                            f"{ckpt['model_name']}")
+            raise UserError(
+                f"--model {args.model} differs from the checkpoint's {ckpt['model_name']}"
+            )
         args.model = ckpt["model_name"]
     if args.resume:
         adopt_checkpoint_args(args, ckpt["args"])
@@ -146,16 +237,20 @@ def adopt_checkpoint_args(args: argparse.Namespace, saved: dict) -> None:
             continue
         given = getattr(args, key)
         if given is not None and _normal(given) != _normal(value):
-            raise UserError(f"--{key.replace('_', '-')} {_show(given)} differs from the "
-                            f"checkpoint's {_show(value)}: a resumed run keeps its arguments "
-                            "(start a new run to change it)")
+            raise UserError(
+                f"--{key.replace('_', '-')} {_show(given)} differs from the "
+                f"checkpoint's {_show(value)}: a resumed run keeps its arguments "
+                "(start a new run to change it)"
+            )
         setattr(args, key, value)
     if args.epochs is None or args.epochs == saved["epochs"]:
         args.epochs = saved["epochs"]
     elif saved["schedule"] != "constant" or args.epochs < saved["epochs"]:
-        raise UserError(f"--epochs {args.epochs} differs from the checkpoint's {saved['epochs']}: "
-                        f"its {saved['schedule']} schedule was planned for {saved['epochs']} "
-                        "epochs (only a constant schedule can be extended)")
+        raise UserError(
+            f"--epochs {args.epochs} differs from the checkpoint's {saved['epochs']}: "
+            f"its {saved['schedule']} schedule was planned for {saved['epochs']} "
+            "epochs (only a constant schedule can be extended)"
+        )
 
 
 def _normal(value):
@@ -168,4 +263,3 @@ def _show(value) -> str:
 
 def main_parser(description: str) -> Parser:
     return Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-

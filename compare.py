@@ -9,6 +9,7 @@ training curves as the mean over the group's runs and a min-max band. Writes com
     for seed in 0 1 2; do python part1_classify.py --seed $seed --output-dir runs/a/seed$seed; done
     python compare.py runs/a/seed*
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,36 +27,72 @@ import numpy as np
 
 import cli
 import report
+import runfiles
 import utils
 
 OUTPUT_ROOT = Path("outputs") / "compare"
 # Arguments that do not change what is trained (bookkeeping, where and how fast it runs, when it
 # stops on the wall clock): runs differing only in these are repeats of one recipe. amp and
 # channels_last stay in the recipe: they can change the numbers.
-NON_RECIPE_ARGS = frozenset({
-    "seed", "output_dir", "resume", "eval_only", "report_only", "device", "threads",
-    "no_progress", "environment", "time_limit", "stop_after_epochs", "compile", "no_download",
-    "eval_batch_size", "num_examples"})
+NON_RECIPE_ARGS = frozenset(
+    {
+        "seed",
+        "output_dir",
+        "resume",
+        "eval_only",
+        "report_only",
+        "device",
+        "threads",
+        "no_progress",
+        "environment",
+        "time_limit",
+        "stop_after_epochs",
+        "compile",
+        "no_download",
+        "eval_batch_size",
+        "num_examples",
+    }
+)
 LABEL_FIRST = ("model", "lr", "epochs", "batch_size")  # named first in a label when they differ
 MAX_LABEL_CHARS = 48
 CURVE_COLUMNS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 RUN_FIELDS = ("epochs", "train_time_min", "train_images_per_s")
-TITLES = {"test_accuracy": "test accuracy", "mean_per_class_accuracy": "mean per-class acc.",
-          "test_loss": "test loss", "mean_ap": "mean AP", "mean_ap_softmax": "mean AP (softmax)",
-          "miou": "mIoU", "pixel_accuracy": "pixel accuracy", "epochs": "epochs",
-          "train_time_min": "train time (min)", "train_images_per_s": "train images/s"}
+TITLES = {
+    "test_accuracy": "test accuracy",
+    "mean_per_class_accuracy": "mean per-class acc.",
+    "test_loss": "test loss",
+    "mean_ap": "mean AP",
+    "mean_ap_softmax": "mean AP (softmax)",
+    "miou": "mIoU",
+    "pixel_accuracy": "pixel accuracy",
+    "epochs": "epochs",
+    "train_time_min": "train time (min)",
+    "train_images_per_s": "train images/s",
+}
 
 
 # per part: the number runs are ranked by (headline), results.json's {class: value} key
 # (per_class), further metrics worth a column (extras), what metrics.csv's accuracy measures
-TASKS = {"classification": SimpleNamespace(
-             part=1, title="Part 1: Fashion-MNIST classification", headline="test_accuracy",
-             per_class="per_class_accuracy", per_class_title="Per-class test accuracy",
-             extras=("mean_per_class_accuracy", "test_loss"), accuracy="accuracy"),
-         "segmentation": SimpleNamespace(
-             part=2, title="Part 2: facade segmentation", headline="mean_ap", per_class="ap",
-             per_class_title="Per-class average precision", accuracy="pixel accuracy",
-             extras=("mean_ap_softmax", "miou", "pixel_accuracy", "test_loss"))}
+TASKS = {
+    "classification": SimpleNamespace(
+        part=1,
+        title="Part 1: Fashion-MNIST classification",
+        headline="test_accuracy",
+        per_class="per_class_accuracy",
+        per_class_title="Per-class test accuracy",
+        extras=("mean_per_class_accuracy", "test_loss"),
+        accuracy="accuracy",
+    ),
+    "segmentation": SimpleNamespace(
+        part=2,
+        title="Part 2: facade segmentation",
+        headline="mean_ap",
+        per_class="ap",
+        per_class_title="Per-class average precision",
+        accuracy="pixel accuracy",
+        extras=("mean_ap_softmax", "miou", "pixel_accuracy", "test_loss"),
+    ),
+}
 
 
 @dataclass
@@ -88,7 +125,7 @@ def read_curves(path: Path) -> dict[str, np.ndarray]:
     """metrics.csv as float arrays by epoch: "epoch" and those CURVE_COLUMNS that hold numbers
     (a resumed run logs an epoch again: the last row wins). No file: no curves."""
     try:
-        rows = utils.read_csv(path)
+        rows = runfiles.read_csv(path)
     except (OSError, ValueError, TypeError, csv.Error) as exc:
         raise utils.UserError(f"cannot read {path}: {exc}") from None
     by_epoch = {number(row.get("epoch")): row for row in rows}
@@ -105,23 +142,34 @@ def load_run(path: Path) -> Run:
     if not path.is_dir():
         raise utils.UserError(f"run folder not found: {path}")
     if not (path / "results.json").is_file():
-        raise utils.UserError(f"{path} is unfinished (no results.json): let the run finish, or "
-                              "resume it, before comparing")
+        raise utils.UserError(
+            f"{path} is unfinished (no results.json): let the run finish, or "
+            "resume it, before comparing"
+        )
     data = []
     for file in (path / "args.json", path / "results.json"):
         try:
-            data.append(utils.read_json(file))
+            data.append(runfiles.read_json(file))
         except (OSError, ValueError) as exc:
-            raise utils.UserError(f"cannot read {file} (is {path} a run folder of "
-                                  f"part1_classify.py or part2_segment.py?): {exc}") from None
+            raise utils.UserError(
+                f"cannot read {file} (is {path} a run folder of "
+                f"part1_classify.py or part2_segment.py?): {exc}"
+            ) from None
         if not isinstance(data[-1], dict):
             raise utils.UserError(f"{file} does not hold a JSON object")
     args, results = data
-    task = results.get("task") or args.get("task") or next(  # older folders: by the headline
-        (t for t, spec in TASKS.items() if spec.headline in results), None)
+    task = (
+        results.get("task")
+        or args.get("task")
+        or next(  # older folders: by the headline
+            (t for t, spec in TASKS.items() if spec.headline in results), None
+        )
+    )
     if task not in TASKS:
-        raise utils.UserError(f"cannot tell whether {path} is a Part 1 or a Part 2 run (task "
-                              f"{task!r}; its results.json has neither test_accuracy nor mean_ap)")
+        raise utils.UserError(
+            f"cannot tell whether {path} is a Part 1 or a Part 2 run (task "
+            f"{task!r}; its results.json has neither test_accuracy nor mean_ap)"
+        )
     return Run(path, args, results, read_curves(path / "metrics.csv"), task)
 
 
@@ -181,11 +229,20 @@ def group_runs(runs: list[Run]) -> list[Group]:
     for run in runs:
         members.setdefault(canonical(recipe_of(run.args)), []).append(run)
     recipes = [recipe_of(group[0].args) for group in members.values()]
-    keys = [k for k in dict.fromkeys([*LABEL_FIRST, *(k for r in recipes for k in r)])
-            if len({canonical(r.get(k)) for r in recipes}) > 1]
-    groups = [Group(short_label(r, keys) if keys else format_value(r.get("model", "all runs")),
-                    r, {k: r.get(k) for k in keys}, group)
-              for r, group in zip(recipes, members.values())]
+    keys = [
+        k
+        for k in dict.fromkeys([*LABEL_FIRST, *(k for r in recipes for k in r)])
+        if len({canonical(r.get(k)) for r in recipes}) > 1
+    ]
+    groups = [
+        Group(
+            short_label(r, keys) if keys else format_value(r.get("model", "all runs")),
+            r,
+            {k: r.get(k) for k in keys},
+            group,
+        )
+        for r, group in zip(recipes, members.values())
+    ]
     counts, seen = Counter(g.label for g in groups), Counter()
     for group in groups:
         if counts[group.label] > 1:
@@ -200,9 +257,12 @@ def group_runs(runs: list[Run]) -> list[Group]:
 def describe(values: list[float | None]) -> dict:
     """mean, sample std (ddof=1; None for a single value), n over the values that exist."""
     present = [v for v in values if v is not None]
-    return {"mean": float(np.mean(present)) if present else None,
-            "std": float(np.std(present, ddof=1)) if len(present) > 1 else None,
-            "n": len(present), "values": values}
+    return {
+        "mean": float(np.mean(present)) if present else None,
+        "std": float(np.std(present, ddof=1)) if len(present) > 1 else None,
+        "n": len(present),
+        "values": values,
+    }
 
 
 def run_row(run: Run, spec: SimpleNamespace) -> dict:
@@ -213,15 +273,24 @@ def run_row(run: Run, spec: SimpleNamespace) -> dict:
         epochs = float(run.curves["epoch"][-1])
     seconds = number(res.get("train_time_s"))
     metrics = {m: number(res.get(m)) for m in (spec.headline, *spec.extras)} | {
-        "epochs": epochs, "train_time_min": None if seconds is None else seconds / 60,
-        "train_images_per_s": number(res.get("train_images_per_s"))}
+        "epochs": epochs,
+        "train_time_min": None if seconds is None else seconds / 60,
+        "train_images_per_s": number(res.get("train_images_per_s")),
+    }
     per_class = res.get(spec.per_class)
     device, world = str(env.get("gpu") or env.get("device") or ""), env.get("world_size") or 1
-    return {"name": run.name, "path": str(run.path), "group": run.group,
-            "seed": run.args.get("seed"), "device": f"{device} x{world}" if world != 1 else device,
-            "headline": metrics[spec.headline], "metrics": metrics,
-            "per_class": {str(k): number(v) for k, v in per_class.items()}
-            if isinstance(per_class, dict) else {}}
+    return {
+        "name": run.name,
+        "path": str(run.path),
+        "group": run.group,
+        "seed": run.args.get("seed"),
+        "device": f"{device} x{world}" if world != 1 else device,
+        "headline": metrics[spec.headline],
+        "metrics": metrics,
+        "per_class": {str(k): number(v) for k, v in per_class.items()}
+        if isinstance(per_class, dict)
+        else {},
+    }
 
 
 def summarise(runs: list[Run], groups: list[Group], spec: SimpleNamespace) -> dict:
@@ -230,15 +299,32 @@ def summarise(runs: list[Run], groups: list[Group], spec: SimpleNamespace) -> di
     classes = list(dict.fromkeys(c for row in rows.values() for c in row["per_class"]))
     for row in rows.values():
         row["per_class"] = {c: row["per_class"].get(c) for c in classes}
-    return {"task": runs[0].task, "part": spec.part, "headline": spec.headline,
-            "per_class_metric": spec.per_class, "classes": classes, "runs": list(rows.values()),
-            "groups": [{"label": g.label, "n": len(g.runs), "runs": [r.name for r in g.runs],
-                        "seeds": [r.args.get("seed") for r in g.runs], "differs": g.differs,
-                        "recipe": g.recipe,
-                        "metrics": {m: describe([rows[r.name]["metrics"][m] for r in g.runs])
-                                    for m in (spec.headline, *spec.extras, *RUN_FIELDS)},
-                        "per_class": {c: describe([rows[r.name]["per_class"][c] for r in g.runs])
-                                      for c in classes}} for g in groups]}
+    return {
+        "task": runs[0].task,
+        "part": spec.part,
+        "headline": spec.headline,
+        "per_class_metric": spec.per_class,
+        "classes": classes,
+        "runs": list(rows.values()),
+        "groups": [
+            {
+                "label": g.label,
+                "n": len(g.runs),
+                "runs": [r.name for r in g.runs],
+                "seeds": [r.args.get("seed") for r in g.runs],
+                "differs": g.differs,
+                "recipe": g.recipe,
+                "metrics": {
+                    m: describe([rows[r.name]["metrics"][m] for r in g.runs])
+                    for m in (spec.headline, *spec.extras, *RUN_FIELDS)
+                },
+                "per_class": {
+                    c: describe([rows[r.name]["per_class"][c] for r in g.runs]) for c in classes
+                },
+            }
+            for g in groups
+        ],
+    }
 
 
 # ----------------------------------------------------------------------------- figures
@@ -251,8 +337,14 @@ def group_curve(runs: list[Run], column: str) -> tuple[np.ndarray, ...] | None:
             if np.isfinite(value):
                 by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
-    return (np.array(epochs), *(np.array([f(by_epoch[e]) for e in epochs])
-                                for f in (np.mean, np.min, np.max))) if epochs else None
+    return (
+        (
+            np.array(epochs),
+            *(np.array([f(by_epoch[e]) for e in epochs]) for f in (np.mean, np.min, np.max)),
+        )
+        if epochs
+        else None
+    )
 
 
 def plot_curves(groups: list[Group], quantity: str, ylabel: str, path: Path) -> bool:
@@ -265,14 +357,25 @@ def plot_curves(groups: list[Group], quantity: str, ylabel: str, path: Path) -> 
         for k, group in enumerate(groups):
             if (curve := group_curve(group.runs, column)) is not None:
                 epochs, mean, low, high = curve
-                ax.plot(epochs, mean, color=f"C{k % 10}", label=f"{group.label} "
-                        f"(n={len(group.runs)})", marker="." if epochs.size < 3 else None)
+                ax.plot(
+                    epochs,
+                    mean,
+                    color=f"C{k % 10}",
+                    label=f"{group.label} (n={len(group.runs)})",
+                    marker="." if epochs.size < 3 else None,
+                )
                 ax.fill_between(epochs, low, high, color=f"C{k % 10}", alpha=0.2, lw=0)
         if ax.lines:
             ax.legend(fontsize="small")
         else:
-            ax.text(0.5, 0.5, f"no {column} in metrics.csv", ha="center", va="center",
-                    transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                f"no {column} in metrics.csv",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         ax.set(title=f"{split} {ylabel}", xlabel="epoch")
         ax.xaxis.set_major_locator(report._plt().MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -295,45 +398,110 @@ def fmt_stats(name: str, stats: dict) -> str:
 def render_html(summary: dict, spec: SimpleNamespace, out: Path) -> str:
     groups, classes, runs = summary["groups"], summary["classes"], summary["runs"]
     names = [spec.headline, *spec.extras, *RUN_FIELDS]
-    group_rows = [[g["label"], g["n"], ", ".join(map(str, g["seeds"])), ", ".join(g["runs"]),
-                   " ".join(f"{k}={format_value(v)}" for k, v in g["differs"].items())
-                   or "(only one group)"] for g in groups]
-    metric_rows = [[g["label"], g["n"], *(fmt_stats(m, g["metrics"][m]) for m in names)]
-                   for g in groups]
-    class_rows = [[c, *(fmt_stats(spec.per_class, g["per_class"][c]) for g in groups)]
-                  for c in classes]
-    run_rows = [[r["name"], r["group"], r["seed"], r["device"], fmt(spec.headline, r["headline"]),
-                 *(fmt(spec.per_class, r["per_class"][c]) for c in classes),
-                 *(fmt(m, r["metrics"][m]) for m in RUN_FIELDS)] for r in runs]
-    curves = "".join(report.figure_html(out, report.Figure(
-        f"{q}_curves.png", f"{title.capitalize()} curves",
-        f"Training (left) and validation (right) {title} per epoch.", wide=True),
-        missing=f"No {q} columns in metrics.csv.") for q, title in (("loss", "loss"),
-                                                                    ("accuracy", spec.accuracy)))
+    group_rows = [
+        [
+            g["label"],
+            g["n"],
+            ", ".join(map(str, g["seeds"])),
+            ", ".join(g["runs"]),
+            " ".join(f"{k}={format_value(v)}" for k, v in g["differs"].items())
+            or "(only one group)",
+        ]
+        for g in groups
+    ]
+    metric_rows = [
+        [g["label"], g["n"], *(fmt_stats(m, g["metrics"][m]) for m in names)] for g in groups
+    ]
+    class_rows = [
+        [c, *(fmt_stats(spec.per_class, g["per_class"][c]) for g in groups)] for c in classes
+    ]
+    run_rows = [
+        [
+            r["name"],
+            r["group"],
+            r["seed"],
+            r["device"],
+            fmt(spec.headline, r["headline"]),
+            *(fmt(spec.per_class, r["per_class"][c]) for c in classes),
+            *(fmt(m, r["metrics"][m]) for m in RUN_FIELDS),
+        ]
+        for r in runs
+    ]
+    curves = "".join(
+        report.figure_html(
+            out,
+            report.Figure(
+                f"{q}_curves.png",
+                f"{title.capitalize()} curves",
+                f"Training (left) and validation (right) {title} per epoch.",
+                wide=True,
+            ),
+            missing=f"No {q} columns in metrics.csv.",
+        )
+        for q, title in (("loss", "loss"), ("accuracy", spec.accuracy))
+    )
     table = report.html_table
     sections = [
-        ("Groups", "Runs whose arguments differ only in seed (and bookkeeping such as the output "
-         "folder or device) form one group; the last column lists the arguments that differ "
-         "between groups.", table(["group", "n", "seeds", "runs", "arguments that differ"],
-                                  group_rows)),
-        ("Headline metrics per group", "Mean ± sample standard deviation (ddof=1) over the "
-         "group's runs on the test set; n is the number of runs; a single run shows its value.",
-         table(["group", "n", *(TITLES[m] for m in names)], metric_rows)),
-        (f"{spec.per_class_title} per group", "A row per class, a column per group: mean ± "
-         "sample std over the group's runs." if classes else "No run holds per-class values.",
-         table(["class", *(f"{g['label']} (n={g['n']})" for g in groups)], class_rows)
-         if classes else ""),
-        ("Training curves", "Line: the mean over the group's runs; shaded band: their minimum to "
-         "maximum.", f"<div class='figures'>{curves}</div>"),
-        ("Per run", f"Each run folder with its {TITLES[spec.headline]}, "
-         f"{spec.per_class_title.lower()}, epochs trained, wall-clock training time and training "
-         "throughput.", table(["run", "group", "seed", "device", TITLES[spec.headline], *classes,
-                               *(TITLES[m] for m in RUN_FIELDS)], run_rows))]
-    intro = (f"{len(runs)} runs in {len(groups)} group(s); headline metric "
-             f"{TITLES[spec.headline]}; created {summary['created']}.")
-    return report.html_page(f"Run comparison, {spec.title}", [f"<p>{intro}</p>", *(
-        f"<h2>{html.escape(title)}</h2><p class='why'>{html.escape(why)}</p>{content}"
-        for title, why, content in sections)])
+        (
+            "Groups",
+            "Runs whose arguments differ only in seed (and bookkeeping such as the output "
+            "folder or device) form one group; the last column lists the arguments that differ "
+            "between groups.",
+            table(["group", "n", "seeds", "runs", "arguments that differ"], group_rows),
+        ),
+        (
+            "Headline metrics per group",
+            "Mean ± sample standard deviation (ddof=1) over the "
+            "group's runs on the test set; n is the number of runs; a single run shows its value.",
+            table(["group", "n", *(TITLES[m] for m in names)], metric_rows),
+        ),
+        (
+            f"{spec.per_class_title} per group",
+            "A row per class, a column per group: mean ± sample std over the group's runs."
+            if classes
+            else "No run holds per-class values.",
+            table(["class", *(f"{g['label']} (n={g['n']})" for g in groups)], class_rows)
+            if classes
+            else "",
+        ),
+        (
+            "Training curves",
+            "Line: the mean over the group's runs; shaded band: their minimum to maximum.",
+            f"<div class='figures'>{curves}</div>",
+        ),
+        (
+            "Per run",
+            f"Each run folder with its {TITLES[spec.headline]}, "
+            f"{spec.per_class_title.lower()}, epochs trained, wall-clock training time and "
+            "training throughput.",
+            table(
+                [
+                    "run",
+                    "group",
+                    "seed",
+                    "device",
+                    TITLES[spec.headline],
+                    *classes,
+                    *(TITLES[m] for m in RUN_FIELDS),
+                ],
+                run_rows,
+            ),
+        ),
+    ]
+    intro = (
+        f"{len(runs)} runs in {len(groups)} group(s); headline metric "
+        f"{TITLES[spec.headline]}; created {summary['created']}."
+    )
+    return report.html_page(
+        f"Run comparison, {spec.title}",
+        [
+            f"<p>{intro}</p>",
+            *(
+                f"<h2>{html.escape(title)}</h2><p class='why'>{html.escape(why)}</p>{content}"
+                for title, why, content in sections
+            ),
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -346,35 +514,53 @@ def compare_runs(run_dirs: list, output_dir: str | Path | None = None) -> dict:
     runs = load_runs([Path(d) for d in run_dirs])
     out = None if output_dir is None else Path(output_dir)
     if out is not None and (out.exists() and not out.is_dir() or (out / "compare.html").exists()):
-        raise utils.UserError(f"--output-dir {out} is not a folder or already holds compare.html;"
-                              " choose another folder")
+        raise utils.UserError(
+            f"--output-dir {out} is not a folder or already holds compare.html;"
+            " choose another folder"
+        )
     spec, groups, now = TASKS[runs[0].task], group_runs(runs), datetime.now()
     summary = summarise(runs, groups, spec)
-    out = out or utils.new_run_dir(OUTPUT_ROOT, now.strftime("%Y%m%d-%H%M%S"))
+    out = out or runfiles.new_run_dir(OUTPUT_ROOT, now.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    summary |= {"created": now.isoformat(timespec="seconds"), "output_dir": str(out),
-                "figures": {}, "html": str(out / "compare.html")}
+    summary |= {
+        "created": now.isoformat(timespec="seconds"),
+        "output_dir": str(out),
+        "figures": {},
+        "html": str(out / "compare.html"),
+    }
     for quantity, ylabel in (("loss", "loss"), ("accuracy", spec.accuracy)):
         if plot_curves(groups, quantity, ylabel, out / f"{quantity}_curves.png"):
             summary["figures"][quantity] = f"{quantity}_curves.png"
-    utils.write_json(out / "compare.json", summary)
+    runfiles.write_json(out / "compare.json", summary)
     # compare.html last: its presence marks a complete report (and blocks reuse of the folder)
-    utils.write_text(out / "compare.html", render_html(summary, spec, out))
+    runfiles.write_text(out / "compare.html", render_html(summary, spec, out))
     return summary
 
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> cli.Parser:
     parser = cli.main_parser(__doc__)
-    parser.epilog = textwrap.fill("Arguments ignored when grouping: " + ", ".join(
-        sorted(NON_RECIPE_ARGS)) + " (the number of processes, environment.world_size, does "
-        "count).", width=79)
-    parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="run folders, each holding args.json, metrics.csv and results.json "
-                             "(a run without results.json is unfinished and refused)")
-    parser.add_argument("--output-dir", type=Path, metavar="DIR",
-                        help="where to write the report (refused if it already holds "
-                             f"compare.html; default: a new {OUTPUT_ROOT}/YYYYmmdd-HHMMSS[-k])")
+    parser.epilog = textwrap.fill(
+        "Arguments ignored when grouping: "
+        + ", ".join(sorted(NON_RECIPE_ARGS))
+        + " (the number of processes, environment.world_size, does "
+        "count).",
+        width=79,
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run folders, each holding args.json, metrics.csv and results.json "
+        "(a run without results.json is unfinished and refused)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        metavar="DIR",
+        help="where to write the report (refused if it already holds "
+        f"compare.html; default: a new {OUTPUT_ROOT}/YYYYmmdd-HHMMSS[-k])",
+    )
     return parser
 
 
@@ -384,8 +570,10 @@ def run(args) -> None:
     except OSError as exc:  # e.g. an unwritable output folder: one line too
         raise utils.UserError(" ".join(str(exc).split())) from None
     key = summary["headline"]
-    rows = [("group", "n", key), *((g["label"], str(g["n"]), fmt_stats(key, g["metrics"][key]))
-                                   for g in summary["groups"])]
+    rows = [
+        ("group", "n", key),
+        *((g["label"], str(g["n"]), fmt_stats(key, g["metrics"][key])) for g in summary["groups"]),
+    ]
     width = [max(len(row[i]) for row in rows) for i in range(2)]
     print("\n".join(f"{a:<{width[0]}}  {b:>{width[1]}}  {c}" for a, b, c in rows))
     print(f"report: {summary['html']}")

@@ -4,6 +4,7 @@ Fashion-MNIST: the four IDX files (gzipped or raw). Facades: eecs442_%04d.jpg / 
 ``TensorLoader`` replaces a per-sample DataLoader: it indexes whole batches out of one tensor,
 normalises on the device and applies batched augmentation, so the small models are not starved.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -13,9 +14,9 @@ import socket
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,9 +25,22 @@ from PIL import Image
 
 from utils import UserError
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 FACADE_CLASSES = ["others", "facade", "pillar", "window", "balcony"]
@@ -41,12 +55,17 @@ def read_idx(path: Path) -> torch.Tensor:
     try:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
-        raise UserError(f"{path}: cannot read ({type(err).__name__}: {err}); the file is damaged or truncated") from None
+        raise UserError(
+            f"{path}: cannot read ({type(err).__name__}: {err}); the file is damaged or truncated"
+        ) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
-        raise UserError(f"{path}: bad IDX magic number {data[:4].hex() or '(empty)'}; expected 0000080N (unsigned bytes)")
+        raise UserError(
+            f"{path}: bad IDX magic number {data[:4].hex() or '(empty)'}; "
+            "expected 0000080N (unsigned bytes)"
+        )
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -54,7 +73,10 @@ def read_idx(path: Path) -> torch.Tensor:
     shape = struct.unpack(f">{ndim}I", data[4:header])
     expected = int(np.prod(shape))
     if len(data) - header != expected:
-        raise UserError(f"{path}: holds {len(data) - header} data bytes but its header {tuple(shape)} says {expected}")
+        raise UserError(
+            f"{path}: holds {len(data) - header} data bytes but its header {tuple(shape)} "
+            f"says {expected}"
+        )
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
@@ -86,7 +108,8 @@ def download_fashion_mnist(root: Path) -> bool:
 
 
 def locate_fashion_mnist(root: Path, download: bool = True, log=print) -> Path:
-    """The folder holding all four IDX files: ``root``, else a download into it, else Debian's copy."""
+    """The folder holding all four IDX files: ``root``, else a download into it, else Debian's
+    copy."""
     stems = [s for pair in FASHION_FILES.values() for s in pair]
     if all(find_idx_file(root, s) for s in stems):
         return root
@@ -98,8 +121,11 @@ def locate_fashion_mnist(root: Path, download: bool = True, log=print) -> Path:
         return DEBIAN_FASHION_DIR
     missing = [s + "[.gz]" for s in stems if not find_idx_file(root, s)]
     how = "downloading failed" if download else "--no-download was given"
-    raise UserError(f"Fashion-MNIST not found: {root}/ lacks {', '.join(missing)} and {how}; "
-                    f"copy the four IDX files there or `apt-get install dataset-fashion-mnist` ({DEBIAN_FASHION_DIR})")
+    raise UserError(
+        f"Fashion-MNIST not found: {root}/ lacks {', '.join(missing)} and {how}; "
+        "copy the four IDX files there or `apt-get install dataset-fashion-mnist` "
+        f"({DEBIAN_FASHION_DIR})"
+    )
 
 
 def load_fashion_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +137,18 @@ def load_fashion_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tens
             raise UserError(f"{root / stem}[.gz] not found")
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.dim() != 3 or labels.dim() != 1:
-        raise UserError(f"{img_path} / {lbl_path}: expected 3-D images and 1-D labels, got {tuple(images.shape)} and {tuple(labels.shape)}")
+        raise UserError(
+            f"{img_path} / {lbl_path}: expected 3-D images and 1-D labels, "
+            f"got {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
     if len(images) != len(labels):
-        raise UserError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
+        raise UserError(
+            f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels"
+        )
     if len(labels) and int(labels.max()) >= len(FASHION_CLASSES):
-        raise UserError(f"{lbl_path}: label {int(labels.max())} out of range 0-{len(FASHION_CLASSES) - 1}")
+        raise UserError(
+            f"{lbl_path}: label {int(labels.max())} out of range 0-{len(FASHION_CLASSES) - 1}"
+        )
     return images.unsqueeze(1), labels.long()
 
 
@@ -127,7 +160,8 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tenso
 
 
 def channel_stats(images_u8: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images scaled to 0-1 (the checkpoint's ``normalization``)."""
+    """Per-channel mean and std of uint8 images scaled to 0-1 (the checkpoint's
+    ``normalization``)."""
     x = images_u8.transpose(0, 1).reshape(images_u8.shape[1], -1).double() / 255
     return x.mean(1).tolist(), x.std(1).tolist()
 
@@ -144,7 +178,9 @@ def read_rgb(path: Path) -> np.ndarray:
             im.load()
             return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: unreadable or truncated image ({str(err).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"{path}: unreadable or truncated image ({str(err).splitlines()[0][:120]})"
+        ) from None
 
 
 def read_label(path: Path, num_classes: int) -> np.ndarray:
@@ -152,12 +188,19 @@ def read_label(path: Path, num_classes: int) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             if im.mode not in ("P", "L"):
-                raise UserError(f"{path}: label must be a palette or grayscale PNG of class indices, not mode {im.mode}")
+                raise UserError(
+                    f"{path}: label must be a palette or grayscale PNG of class indices, "
+                    f"not mode {im.mode}"
+                )
             label = np.asarray(im)
     except (OSError, SyntaxError, ValueError) as err:
-        raise UserError(f"{path}: unreadable or truncated label ({str(err).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"{path}: unreadable or truncated label ({str(err).splitlines()[0][:120]})"
+        ) from None
     if label.size and int(label.max()) >= num_classes:
-        raise UserError(f"{path}: label value {int(label.max())} >= number of classes {num_classes}")
+        raise UserError(
+            f"{path}: label value {int(label.max())} >= number of classes {num_classes}"
+        )
     return label
 
 
@@ -165,13 +208,17 @@ def check_range(name: str, start: int, end: int) -> None:
     if start < 0 or end < 0:
         raise UserError(f"--{name}-range {start} {end}: indices must be >= 0")
     if end < start:
-        raise UserError(f"--{name}-range {start} {end}: empty or reversed range (start must be <= end)")
+        raise UserError(
+            f"--{name}-range {start} {end}: empty or reversed range (start must be <= end)"
+        )
 
 
-def load_facade_split(folder: Path, start: int, end: int, num_classes: int = 5,
-                      workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_facade_split(
+    folder: Path, start: int, end: int, num_classes: int = 5, workers: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images uint8 (N,3,H,W) and labels uint8 (N,H,W) for eecs442_{start..end} (inclusive).
-    All files are checked to exist before any is decoded; decoding runs in threads (PIL releases the GIL)."""
+    All files are checked to exist before any is decoded; decoding runs in threads (PIL releases
+    the GIL)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"folder not found: {folder}")
@@ -185,15 +232,23 @@ def load_facade_split(folder: Path, start: int, end: int, num_classes: int = 5,
         jpg, png = pair
         image, label = read_rgb(jpg), read_label(png, num_classes)
         if image.shape[:2] != label.shape:
-            raise UserError(f"{jpg} is {image.shape[1]}x{image.shape[0]} but {png} is {label.shape[1]}x{label.shape[0]}")
+            raise UserError(
+                f"{jpg} is {image.shape[1]}x{image.shape[0]} "
+                f"but {png} is {label.shape[1]}x{label.shape[0]}"
+            )
         return image, label
 
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         decoded = list(pool.map(decode, pairs))
     sizes = {img.shape[:2] for img, _ in decoded}
     if len(sizes) > 1:
-        raise UserError(f"images in {folder} range {start}-{end} differ in size {sorted(sizes)}; one size per split is needed")
-    images = torch.from_numpy(np.stack([img for img, _ in decoded])).permute(0, 3, 1, 2).contiguous()
+        raise UserError(
+            f"images in {folder} range {start}-{end} differ in size {sorted(sizes)}; "
+            "one size per split is needed"
+        )
+    images = (
+        torch.from_numpy(np.stack([img for img, _ in decoded])).permute(0, 3, 1, 2).contiguous()
+    )
     labels = torch.from_numpy(np.stack([lbl for _, lbl in decoded]))
     return images, labels
 
@@ -204,9 +259,10 @@ def colorize(mask: torch.Tensor, palette=FACADE_PALETTE) -> np.ndarray:
     return table[mask.long().clamp(0, len(palette) - 1)].numpy()
 
 
-# ----------------------------------------------------------------------------- augmentation (batched)
-def random_translate_flip(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, rows: slice, total: int,
-                          pad: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+# ------------------------------------------------------------------------- augmentation (batched)
+def random_translate_flip(
+    x: torch.Tensor, y: torch.Tensor, g: torch.Generator, rows: slice, total: int, pad: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift each image by up to ``pad`` pixels (zero fill) and flip half of them left-right.
     Random draws cover the whole global batch (``total``); this rank uses ``rows`` of them, so
     a DDP run augments exactly as one process with the same global batch."""
@@ -215,15 +271,26 @@ def random_translate_flip(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, 
     flips = (torch.rand(total, generator=g) < 0.5)[rows].to(x.device)
     padded = F.pad(x, (pad, pad, pad, pad))
     r = (shifts[:, 0, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    col = (shifts[:, 1, None] + torch.arange(w, device=x.device))
+    col = shifts[:, 1, None] + torch.arange(w, device=x.device)
     col = torch.where(flips[:, None], col.flip(1), col)[:, None, None, :]
-    out = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None], r, col]
+    out = padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(c, device=x.device)[None, :, None, None],
+        r,
+        col,
+    ]
     return out, y
 
 
-def random_translate_flip_erase(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, rows: slice,
-                                total: int, area: tuple[float, float] = (0.02, 0.25),
-                                p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def random_translate_flip_erase(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    g: torch.Generator,
+    rows: slice,
+    total: int,
+    area: tuple[float, float] = (0.02, 0.25),
+    p: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``random_translate_flip``, then random erasing: with probability ``p`` one box of
     ``area`` of the image (aspect 1:3-3:1) is set to 0. Draws cover the global batch, as above."""
     x, y = random_translate_flip(x, y, g, rows, total)
@@ -236,14 +303,26 @@ def random_translate_flip_erase(x: torch.Tensor, y: torch.Tensor, g: torch.Gener
     top, left = draws[:, 2] * (h - bh), draws[:, 3] * (w - bw)
     r = torch.arange(h, device=x.device)[None, :, None]
     c = torch.arange(w, device=x.device)[None, None, :]
-    inside = ((r >= top[:, None, None]) & (r < (top + bh)[:, None, None])
-              & (c >= left[:, None, None]) & (c < (left + bw)[:, None, None]))
+    inside = (
+        (r >= top[:, None, None])
+        & (r < (top + bh)[:, None, None])
+        & (c >= left[:, None, None])
+        & (c < (left + bw)[:, None, None])
+    )
     erase = inside & (draws[:, 4] < p)[:, None, None]
     return x.masked_fill(erase[:, None], 0), y
 
 
-def random_scale_crop_flip_jitter(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, rows: slice, total: int,
-                                  crop: int = 256, scale_range: tuple[float, float] = (0.6, 1.25), jitter: float = 0.3):
+def random_scale_crop_flip_jitter(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    g: torch.Generator,
+    rows: slice,
+    total: int,
+    crop: int = 256,
+    scale_range: tuple[float, float] = (0.6, 1.25),
+    jitter: float = 0.3,
+):
     """Segmentation augmentation in one affine resample per batch: a random box of 60-125% of the
     image side (aspect 3:4-4:3; beyond the border the image is mirrored), resized to ``crop``;
     left-right flip; brightness and contrast jitter. Images bilinear, labels nearest.
@@ -255,13 +334,18 @@ def random_scale_crop_flip_jitter(x: torch.Tensor, y: torch.Tensor, g: torch.Gen
     aspect = torch.exp((draws[:, 1] - 0.5) * 2 * np.log(4 / 3))
     sx, sy = scale * aspect.sqrt(), scale / aspect.sqrt()
     # Box centre: anywhere that keeps a box smaller than the image inside it; centred when larger.
-    tx, ty = (2 * draws[:, 2] - 1) * (1 - sx).clamp(min=0), (2 * draws[:, 3] - 1) * (1 - sy).clamp(min=0)
+    tx, ty = (
+        (2 * draws[:, 2] - 1) * (1 - sx).clamp(min=0),
+        (2 * draws[:, 3] - 1) * (1 - sy).clamp(min=0),
+    )
     flip = torch.where(draws[:, 4] < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
     grid = F.affine_grid(theta, (n, 1, crop, crop), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="reflection", align_corners=False)[:, 0].long()
+    y = F.grid_sample(
+        y[:, None].float(), grid, mode="nearest", padding_mode="reflection", align_corners=False
+    )[:, 0].long()
     brightness = 1 + jitter * (2 * draws[:, 5] - 1)
     contrast = 1 + jitter * (2 * draws[:, 6] - 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -271,19 +355,39 @@ def random_scale_crop_flip_jitter(x: torch.Tensor, y: torch.Tensor, g: torch.Gen
 
 # ----------------------------------------------------------------------------- loader
 class TensorLoader:
-    """Batches from in-memory uint8 tensors: scaled to 0-1, augmented (optional), then ``(x - mean) / std``.
+    """Batches from in-memory uint8 tensors: scaled to 0-1, augmented (optional), then
+    ``(x - mean) / std``.
 
-    Training (``train=True``): a new seeded permutation each epoch (``set_epoch``); each global batch of
-    ``batch_size x world_size`` is cut into per-rank slices, so DDP sees exactly the batches of a single
-    process with the same global batch (the last partial global batch is dropped when world_size > 1).
-    Evaluation: rank r takes samples r, r+W, r+2W, ... with no padding, so sums over ranks are exact.
+    Training (``train=True``): a new seeded permutation each epoch (``set_epoch``); each global
+    batch of ``batch_size x world_size`` is cut into per-rank slices, so DDP sees exactly the
+    batches of a single process with the same global batch (the last partial global batch is
+    dropped when world_size > 1). Evaluation: rank r takes samples r, r+W, r+2W, ... with no
+    padding, so sums over ranks are exact.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std, train: bool,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, augment: Callable | None = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        mean,
+        std,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: Callable | None = None,
+    ):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.mean, self.std = mean, std
-        self.train, self.seed, self.rank, self.world_size, self.augment = train, seed, rank, world_size, augment
+        self.train, self.seed, self.rank, self.world_size, self.augment = (
+            train,
+            seed,
+            rank,
+            world_size,
+            augment,
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -292,7 +396,7 @@ class TensorLoader:
     def _global_batches(self) -> list[torch.Tensor]:
         n = len(self.images)
         if not self.train:
-            shard = torch.arange(n)[self.rank::self.world_size]  # empty when rank >= n
+            shard = torch.arange(n)[self.rank :: self.world_size]  # empty when rank >= n
             return list(shard.split(self.batch_size))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         batches = list(torch.randperm(n, generator=g).split(self.batch_size * self.world_size))
@@ -305,12 +409,18 @@ class TensorLoader:
 
     def __iter__(self):
         for step, idx in enumerate(self._global_batches()):
-            rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size) if self.train else slice(None)
+            rows = (
+                slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+                if self.train
+                else slice(None)
+            )
             total = len(idx)
             idx = idx[rows].to(self.images.device)
             x, y = self.images[idx].float() / 255, self.labels[idx]
             if self.augment is not None:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + step)
+                g = torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + self.epoch * 10_007 + step
+                )
                 x, y = self.augment(x, y, g, rows, total)
             x = normalize(x, self.mean, self.std)
             yield x, y.long()
@@ -321,4 +431,6 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     if x.dtype == torch.uint8:
         x = x.float() / 255
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x - torch.tensor(mean, device=x.device).reshape(shape)) / torch.tensor(std, device=x.device).reshape(shape)
+    return (x - torch.tensor(mean, device=x.device).reshape(shape)) / torch.tensor(
+        std, device=x.device
+    ).reshape(shape)

@@ -1,6 +1,7 @@
 """Training and evaluation, shared by both parts: optimiser and per-step schedule, losses whose
 validation value is exact for any batching, ``train_one_epoch``, ``evaluate``, the per-epoch
 history (metrics.csv, best epoch) and the training state that checkpoints hold."""
+
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import runfiles
 import utils
 from metrics import ConfusionMatrix
 from utils import Runtime
@@ -24,8 +26,9 @@ def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: 
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                               weight_decay=weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        )
     raise ValueError(name)
 
 
@@ -47,14 +50,19 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> 
 def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int = 0):
     """A per-step LambdaLR: its state is only the step count, so resume needs nothing else."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, schedule, warmup_steps))
+        optimizer, lambda step: lr_factor(step, total_steps, schedule, warmup_steps)
+    )
 
 
 def optimizer_and_schedule(model: torch.nn.Module, args, steps_per_epoch: int):
     """The recipe's optimiser and its per-step schedule over ``args.epochs`` epochs."""
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
-    scheduler = build_scheduler(optimizer, args.schedule, args.epochs * steps_per_epoch,
-                                int(args.warmup_epochs * steps_per_epoch))
+    scheduler = build_scheduler(
+        optimizer,
+        args.schedule,
+        args.epochs * steps_per_epoch,
+        int(args.warmup_epochs * steps_per_epoch),
+    )
     return optimizer, scheduler
 
 
@@ -73,12 +81,18 @@ class CrossEntropy:
         return None if self.weight is None else self.weight.to(logits.device)
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y, weight=self._weight(logits),
-                               label_smoothing=self.label_smoothing)
+        return F.cross_entropy(
+            logits, y, weight=self._weight(logits), label_smoothing=self.label_smoothing
+        )
 
     def sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        per_item = F.cross_entropy(logits.float(), y, weight=self._weight(logits),
-                                   label_smoothing=self.label_smoothing, reduction="none")
+        per_item = F.cross_entropy(
+            logits.float(),
+            y,
+            weight=self._weight(logits),
+            label_smoothing=self.label_smoothing,
+            reduction="none",
+        )
         weight = self._weight(logits)
         count = y.numel() if weight is None else weight[y].sum()
         return torch.stack([per_item.sum().double(), torch.as_tensor(count).double().to(y.device)])
@@ -110,19 +124,35 @@ class CrossEntropyDice(CrossEntropy):
 
     def value(self, sums):
         c = self.num_classes
-        inter, total = sums[2:2 + c], sums[2 + c:]
+        inter, total = sums[2 : 2 + c], sums[2 + c :]
         return super().value(sums) + 1 - ((2 * inter + 1) / (total + 1)).mean().item()
 
 
 # ----------------------------------------------------------------------------- the loop
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, epoch: int, *,
-                    max_steps: int | None = None, metric=None, log_interval: int = 10) -> dict:
+def train_one_epoch(
+    model,
+    loader,
+    loss_fn,
+    optimizer,
+    scheduler,
+    rt: Runtime,
+    epoch: int,
+    *,
+    max_steps: int | None = None,
+    metric=None,
+    log_interval: int = 10,
+) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     seen = 0
     steps = steps_per_epoch(loader, max_steps)
-    bar = tqdm(total=steps, desc=f"epoch {epoch} train", leave=False, dynamic_ncols=True,
-               disable=not (rt.is_main and rt.progress))
+    bar = tqdm(
+        total=steps,
+        desc=f"epoch {epoch} train",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (rt.is_main and rt.progress),
+    )
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         if step >= steps:
@@ -145,8 +175,13 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, rt: Runtime, e
             rate = seen * rt.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
     bar.close()
-    result = pass_summary(torch.stack([loss_sum.double(), torch.tensor(float(seen),
-                          dtype=torch.float64, device=rt.device)]), start, rt)
+    result = pass_summary(
+        torch.stack(
+            [loss_sum.double(), torch.tensor(float(seen), dtype=torch.float64, device=rt.device)]
+        ),
+        start,
+        rt,
+    )
     result["loss"] = (result.pop("sums")[0] / max(result["images"], 1)).item()
     return result | finish_metric(metric, rt)
 
@@ -158,8 +193,9 @@ def evaluate(model, loader, loss_fn, rt: Runtime, metric=None, desc: str = "eval
     model.eval()
     sums, seen = None, 0
     start = time.perf_counter()
-    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-                     disable=not (rt.is_main and rt.progress)):
+    for x, y in tqdm(
+        loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (rt.is_main and rt.progress)
+    ):
         x, y = rt.to_input(x), y.to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = model(x)
@@ -184,8 +220,12 @@ def pass_summary(sums: torch.Tensor, start: float, rt: Runtime) -> dict:
     elapsed = time.perf_counter() - start
     sums = utils.all_reduce_sum(sums, rt)
     images = int(sums[-1].item())
-    return {"sums": sums, "images": images, "time_s": elapsed,
-            "images_per_s": images / max(elapsed, 1e-9)}
+    return {
+        "sums": sums,
+        "images": images,
+        "time_s": elapsed,
+        "images_per_s": images / max(elapsed, 1e-9),
+    }
 
 
 def finish_metric(metric, rt: Runtime) -> dict:
@@ -204,8 +244,17 @@ class History:
     """The rows of metrics.csv and the best epoch so far by ``key`` (``mode`` "max" or "min").
     Every rank keeps one: validation numbers are all-reduced, so all ranks agree on the best."""
 
-    def __init__(self, path: Path, key: str, mode: str, log: logging.Logger, epochs: int,
-                 rows: list[dict] | None = None, best_value=None, best_epoch=None):
+    def __init__(
+        self,
+        path: Path,
+        key: str,
+        mode: str,
+        log: logging.Logger,
+        epochs: int,
+        rows: list[dict] | None = None,
+        best_value=None,
+        best_epoch=None,
+    ):
         self.path, self.key, self.mode, self.log, self.epochs = path, key, mode, log, epochs
         self.rows = rows or []
         self.best_value, self.best_epoch = best_value, best_epoch
@@ -215,8 +264,9 @@ class History:
         row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "val_loss": val["loss"]}
         if "accuracy" in train:
             row.update(train_accuracy=train["accuracy"], val_accuracy=val.get("accuracy"))
-        row.update(epoch_time_s=train["time_s"] + val["time_s"],
-                   train_images_per_s=train["images_per_s"])
+        row.update(
+            epoch_time_s=train["time_s"] + val["time_s"], train_images_per_s=train["images_per_s"]
+        )
         if val["images"] == 0:  # no validation set: the last epoch is the one to keep
             row.update({k: float("nan") for k in row if k.startswith("val_")})
             improved = True
@@ -227,7 +277,7 @@ class History:
             self.best_value, self.best_epoch = row[self.key], epoch
         self.rows.append(row)
         if rt.is_main:
-            utils.write_csv(self.path, self.rows)
+            runfiles.write_csv(self.path, self.rows)
             shown = "  ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch")
             self.log.info("epoch %d/%d  %s", epoch, self.epochs, shown)
         return improved
@@ -242,21 +292,28 @@ def out_of_time(started: float, limit_min: float | None, rt: Runtime) -> bool:
 # ----------------------------------------------------------------------------- training state
 def training_state(model, optimizer, scheduler, rt: Runtime, epoch: int, history: History) -> dict:
     """What a checkpoint needs, besides the run's description, to continue exactly."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": rt.scaler.state_dict(),
-            "epoch": epoch, "best_value": history.best_value, "best_epoch": history.best_epoch,
-            "best_key": history.key, "rng": utils.get_rng_state(), "metrics": history.rows[-1]}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": rt.scaler.state_dict(),
+        "epoch": epoch,
+        "best_value": history.best_value,
+        "best_epoch": history.best_epoch,
+        "best_key": history.key,
+        "rng": utils.get_rng_state(),
+        "metrics": history.rows[-1],
+    }
 
 
-def restore_training(ckpt: dict, model, optimizer, scheduler, rt: Runtime,
-                     history: History) -> int:
+def restore_training(ckpt: dict, model, optimizer, scheduler, rt: Runtime, history: History) -> int:
     """Load weights, optimiser, schedule, scaler and RNG from ``ckpt``; returns the next epoch."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     rt.scaler.load_state_dict(ckpt["scaler"])
     utils.set_rng_state(ckpt["rng"])
-    history.rows = [r for r in utils.read_csv(history.path) if int(r["epoch"]) <= ckpt["epoch"]]
+    history.rows = [r for r in runfiles.read_csv(history.path) if int(r["epoch"]) <= ckpt["epoch"]]
     history.best_value, history.best_epoch = ckpt.get("best_value"), ckpt.get("best_epoch")
     return ckpt["epoch"] + 1
 
@@ -269,15 +326,26 @@ def load_best_weights(model, best_weights: dict | None, run_dir: Path, rt: Runti
     """The best epoch's weights on every rank: kept in memory, or (best epoch before a --resume)
     read by rank 0 from best.pt and broadcast, so no rank needs rank 0's file system."""
     if best_weights is None and rt.is_main:
-        best_weights = utils.load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"]
+        best_weights = runfiles.load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"]
     if best_weights is not None:
         model.load_state_dict(best_weights)
     utils.broadcast_module_state(model, rt)
 
 
 # ----------------------------------------------------------------------------- the epoch loop
-def fit(args, rt: Runtime, models: tuple, loaders: tuple, loss_fn, run_dir: Path,
-        log: logging.Logger, meta: dict, ckpt: dict | None, *, select: tuple[str, str]) -> dict:
+def fit(
+    args,
+    rt: Runtime,
+    models: tuple,
+    loaders: tuple,
+    loss_fn,
+    run_dir: Path,
+    log: logging.Logger,
+    meta: dict,
+    ckpt: dict | None,
+    *,
+    select: tuple[str, str],
+) -> dict:
     """Train for the recipe's epochs (from ``ckpt`` on --resume): train, validate, record,
     checkpoint; end with the best epoch by ``select`` = (metrics.csv column, "max"/"min") in the
     model. ``models`` = (model to train, unwrapped model); ``meta`` describes the run in each
@@ -296,20 +364,37 @@ def fit(args, rt: Runtime, models: tuple, loaders: tuple, loss_fn, run_dir: Path
     for epoch in range(start_epoch, last_epoch + 1):
         train_loader.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, rt, epoch,
-                                      max_steps=args.max_steps, metric=ConfusionMatrix(num_classes))
+        train_stats = train_one_epoch(
+            model,
+            train_loader,
+            loss_fn,
+            optimizer,
+            scheduler,
+            rt,
+            epoch,
+            max_steps=args.max_steps,
+            metric=ConfusionMatrix(num_classes),
+        )
         utils.broadcast_module_state(model_without_ddp, rt)  # rank 0's BatchNorm statistics
-        val_stats = evaluate(model_without_ddp, val_loader, loss_fn, rt,
-                             ConfusionMatrix(num_classes), desc=f"epoch {epoch} val")
+        val_stats = evaluate(
+            model_without_ddp,
+            val_loader,
+            loss_fn,
+            rt,
+            ConfusionMatrix(num_classes),
+            desc=f"epoch {epoch} val",
+        )
         is_best = history.add(epoch, lr, train_stats, val_stats, rt)
         if is_best:
             best_weights = copy_weights(model_without_ddp)
         if rt.is_main:
             state = training_state(model_without_ddp, optimizer, scheduler, rt, epoch, history)
-            utils.save_epoch_checkpoints(meta | state, run_dir / "checkpoints", is_best)
+            runfiles.save_epoch_checkpoints(meta | state, run_dir / "checkpoints", is_best)
         if epoch < last_epoch and out_of_time(started, args.time_limit, rt):
             log.info("time limit of %g min reached after epoch %d", args.time_limit, epoch)
             break
     load_best_weights(model_without_ddp, best_weights, run_dir, rt)
-    return {"checkpoint": str(run_dir / "checkpoints" / "best.pt"),
-            "checkpoint_epoch": history.best_epoch}
+    return {
+        "checkpoint": str(run_dir / "checkpoints" / "best.pt"),
+        "checkpoint_epoch": history.best_epoch,
+    }

@@ -4,6 +4,7 @@ average precision equal to ``sklearn.metrics.average_precision_score`` over ever
 Each metric object has ``update(logits, target)``, ``all_reduce(rt)`` and ``compute() -> dict``,
 so the one evaluation loop in ``engine.py`` serves both parts and every rank count.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,11 @@ class ConfusionMatrix:
             self.matrix = torch.zeros(n, n, dtype=torch.long, device=rt.device)
         all_reduce_sum(self.matrix, rt)
         if self.keep_predictions:
-            local = (torch.cat(self.predictions) if self.predictions
-                     else torch.zeros(0, dtype=torch.long, device=rt.device))
+            local = (
+                torch.cat(self.predictions)
+                if self.predictions
+                else torch.zeros(0, dtype=torch.long, device=rt.device)
+            )
             self.predictions = [gather_in_dataset_order(local, rt).cpu()]
 
     def compute(self) -> dict:
@@ -79,7 +83,8 @@ def precision_recall_steps(y_true, scores) -> tuple[torch.Tensor, torch.Tensor] 
 def average_precision(y_true, scores) -> float:
     """Exactly sklearn.metrics.average_precision_score for one binary problem:
     AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds. One torch sort instead of sklearn's
-    extra passes makes it several times faster for millions of pixels. nan when there is no positive."""
+    extra passes makes it several times faster for millions of pixels. nan when there is no
+    positive."""
     return ap_from_steps(precision_recall_steps(y_true, scores))
 
 
@@ -87,7 +92,9 @@ def ap_from_steps(steps) -> float:
     if steps is None:
         return float("nan")
     precision, recall = steps
-    return float((torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64)) * precision).sum())
+    return float(
+        (torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64)) * precision).sum()
+    )
 
 
 def subsample_curve(precision: torch.Tensor, recall: torch.Tensor, points: int = 200) -> dict:
@@ -135,9 +142,15 @@ class PixelScores:
             curves.append(None if steps is None else subsample_curve(*steps))
         ap_softmax = [average_precision(labels == c, probs[:, c]) for c in range(self.num_classes)]
         cm = self.confusion.compute()
-        return {"ap": ap, "pr_curves": curves, "mean_ap": float(np.nanmean(ap)), "ap_softmax": ap_softmax,
-                "mean_ap_softmax": float(np.nanmean(ap_softmax)), "pixel_accuracy": cm["accuracy"],
-                "iou": cm["iou"], "miou": cm["miou"], "per_class_accuracy": cm["per_class_accuracy"],
-                "confusion_matrix": cm["confusion_matrix"]}
-
-
+        return {
+            "ap": ap,
+            "pr_curves": curves,
+            "mean_ap": float(np.nanmean(ap)),
+            "ap_softmax": ap_softmax,
+            "mean_ap_softmax": float(np.nanmean(ap_softmax)),
+            "pixel_accuracy": cm["accuracy"],
+            "iou": cm["iou"],
+            "miou": cm["miou"],
+            "per_class_accuracy": cm["per_class_accuracy"],
+            "confusion_matrix": cm["confusion_matrix"],
+        }

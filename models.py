@@ -7,6 +7,7 @@ Part 2 (input (B, 3, H, W) -> logits (B, 5, H, W)):
   facade_fcn   the reference segmenter, layer for layer
   unet         improved: 4-level U-Net with skip connections and batch norm
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,9 +22,9 @@ def float32_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class SigmoidCNN(nn.Module):
-    """Reference Part 1 model. (B,1,28,28) -> conv 3x3 (26) -> pool (13) -> conv 3x3 (11) -> pool (5)
-    -> 32*5*5 = 800 -> 120 -> 84 -> 10. The reference printout omits fc2, but fc3 takes 84 inputs, so fc2
-    (120 -> 84) must exist; it is kept here."""
+    """Reference Part 1 model. (B,1,28,28) -> conv 3x3 (26) -> pool (13) -> conv 3x3 (11)
+    -> pool (5) -> 32*5*5 = 800 -> 120 -> 84 -> 10. The reference printout omits fc2, but fc3
+    takes 84 inputs, so fc2 (120 -> 84) must exist; it is kept here."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -44,7 +45,11 @@ class SigmoidCNN(nn.Module):
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
 
 
 class FashionNet(nn.Module):
@@ -58,12 +63,22 @@ class FashionNet(nn.Module):
         self.conv2 = conv_bn_relu(w, w)
         self.features = nn.Sequential(
             nn.MaxPool2d(2),
-            conv_bn_relu(w, 2 * w), conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2),
-            conv_bn_relu(2 * w, 4 * w), conv_bn_relu(4 * w, 4 * w), nn.MaxPool2d(2),
+            conv_bn_relu(w, 2 * w),
+            conv_bn_relu(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            conv_bn_relu(2 * w, 4 * w),
+            conv_bn_relu(4 * w, 4 * w),
+            nn.MaxPool2d(2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w * 9, 256, bias=False),
-                                  nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                                  nn.Linear(256, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(4 * w * 9, 256, bias=False),
+            nn.BatchNorm1d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(256, num_classes),
+        )
 
     def forward(self, x):
         x = self.head[:-1](self.features(self.conv2(self.conv1(x))))
@@ -72,19 +87,24 @@ class FashionNet(nn.Module):
 
 class FacadeFCN(nn.Module):
     """Reference Part 2 model; keeps the input resolution for any even H, W (so any multiple of 4).
-    (B,3,H,W) -> 64 -> 64 -> pool (H/2) -> up (H) -> 128 -> 128 -> pool (H/2) -> up (H) -> 5x5 conv -> (B,5,H,W)."""
+    (B,3,H,W) -> 64 -> 64 -> pool (H/2) -> up (H) -> 128 -> 128 -> pool (H/2) -> up (H)
+    -> 5x5 conv -> (B,5,H,W)."""
 
     size_multiple = 2  # each pool is undone by a 2x up-convolution before the next one
 
     def __init__(self, num_classes: int = 5):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.ConvTranspose2d(64, 64, 2, stride=2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(128, 128, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.ConvTranspose2d(128, 128, 2, stride=2),
             nn.Conv2d(128, num_classes, 5, padding=2),
@@ -95,19 +115,31 @@ class FacadeFCN(nn.Module):
 
 
 class UNet(nn.Module):
-    """Improved Part 2 model: U-Net with ``depth`` poolings, BN + ReLU double convs and skip connections.
-    (B,3,H,W) -> (B,C,H,W) for H, W divisible by 2**depth."""
+    """Improved Part 2 model: U-Net with ``depth`` poolings, BN + ReLU double convs and skip
+    connections. (B,3,H,W) -> (B,C,H,W) for H, W divisible by 2**depth."""
 
     def __init__(self, num_classes: int = 5, width: int = 32, depth: int = 4):
         super().__init__()
-        self.size_multiple = 2 ** depth
-        chans = [width * 2 ** i for i in range(depth + 1)]
-        self.down = nn.ModuleList([nn.Sequential(conv_bn_relu(3, chans[0]), conv_bn_relu(chans[0], chans[0]))])
-        self.down.extend(nn.Sequential(nn.MaxPool2d(2), conv_bn_relu(chans[i], chans[i + 1]),
-                                       conv_bn_relu(chans[i + 1], chans[i + 1])) for i in range(depth))
-        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth)))
-        self.merge = nn.ModuleList(nn.Sequential(conv_bn_relu(2 * chans[i], chans[i]), conv_bn_relu(chans[i], chans[i]))
-                                   for i in reversed(range(depth)))
+        self.size_multiple = 2**depth
+        chans = [width * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList(
+            [nn.Sequential(conv_bn_relu(3, chans[0]), conv_bn_relu(chans[0], chans[0]))]
+        )
+        self.down.extend(
+            nn.Sequential(
+                nn.MaxPool2d(2),
+                conv_bn_relu(chans[i], chans[i + 1]),
+                conv_bn_relu(chans[i + 1], chans[i + 1]),
+            )
+            for i in range(depth)
+        )
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))
+        )
+        self.merge = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(2 * chans[i], chans[i]), conv_bn_relu(chans[i], chans[i]))
+            for i in reversed(range(depth))
+        )
         self.head = nn.Conv2d(chans[0], num_classes, 1)
 
     def forward(self, x):
@@ -152,7 +184,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs (2 x multiply-adds) of one forward pass on a zero input of ``input_shape``, batch included."""
+    """FLOPs (2 x multiply-adds) of one forward pass on a zero input of ``input_shape``, batch
+    included."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training

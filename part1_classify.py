@@ -10,6 +10,7 @@
 Writes one run folder: args.json, log.txt, metrics.csv, results.json, report.html, figures/*.png,
 checkpoints/{last,best}.pt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ import datasets
 import engine
 import models
 import report
+import runfiles
 import utils
 from metrics import ConfusionMatrix
 
@@ -34,50 +36,110 @@ RECIPES = {
     # Reference batch and optimiser; a 10x higher peak LR with warm-up and cosine decay is what
     # lets the sigmoid network train (Adam 1e-3 for 10 epochs: 79.8%). Augmentation only slows
     # it at this size.
-    "sigmoid_cnn": dict(epochs=30, batch_size=500, lr=1e-2, weight_decay=0.0, optimizer="adam",
-                        schedule="cosine", warmup_epochs=1, label_smoothing=0.0, augment="none"),
-    "fashion_net": dict(epochs=40, batch_size=128, lr=2e-3, weight_decay=5e-2, optimizer="adamw",
-                        schedule="cosine", warmup_epochs=1, label_smoothing=0.1,
-                        augment="translate_flip"),
+    "sigmoid_cnn": dict(
+        epochs=30,
+        batch_size=500,
+        lr=1e-2,
+        weight_decay=0.0,
+        optimizer="adam",
+        schedule="cosine",
+        warmup_epochs=1,
+        label_smoothing=0.0,
+        augment="none",
+    ),
+    "fashion_net": dict(
+        epochs=40,
+        batch_size=128,
+        lr=2e-3,
+        weight_decay=5e-2,
+        optimizer="adamw",
+        schedule="cosine",
+        warmup_epochs=1,
+        label_smoothing=0.1,
+        augment="translate_flip",
+    ),
 }
-AUGMENTATIONS = {"none": None, "translate_flip": datasets.random_translate_flip,
-                 "translate_flip_erase": datasets.random_translate_flip_erase}
+AUGMENTATIONS = {
+    "none": None,
+    "translate_flip": datasets.random_translate_flip,
+    "translate_flip_erase": datasets.random_translate_flip_erase,
+}
 FIGURES = [
     *report.TRAINING_FIGURES,
-    report.Figure("figures/per_class_accuracy.png", "Per-class test accuracy",
-                  "Share of each class's 1,000 test images classified correctly."),
+    report.Figure(
+        "figures/per_class_accuracy.png",
+        "Per-class test accuracy",
+        "Share of each class's 1,000 test images classified correctly.",
+    ),
     report.CONFUSION_FIGURE,
-    report.Figure("figures/correct_examples.png", "Correctly classified test images",
-                  "The first two correctly classified test images of every class (a column per "
-                  "class; an empty cell where the network got none right).", wide=True),
-    report.Figure("figures/incorrect_examples.png", "Misclassified test images",
-                  "The first two misclassified test images of every class, with what the "
-                  "network took them for.", wide=True),
-    report.Figure("figures/conv1_filters.png", "First-layer filters",
-                  "The 32 learned 3x3 kernels of conv1, each scaled to its own range."),
-    report.Figure("figures/conv2_filters.png", "Second-layer filters",
-                  "conv2's kernels: a row per output channel, a column per input channel."),
+    report.Figure(
+        "figures/correct_examples.png",
+        "Correctly classified test images",
+        "The first two correctly classified test images of every class (a column per "
+        "class; an empty cell where the network got none right).",
+        wide=True,
+    ),
+    report.Figure(
+        "figures/incorrect_examples.png",
+        "Misclassified test images",
+        "The first two misclassified test images of every class, with what the "
+        "network took them for.",
+        wide=True,
+    ),
+    report.Figure(
+        "figures/conv1_filters.png",
+        "First-layer filters",
+        "The 32 learned 3x3 kernels of conv1, each scaled to its own range.",
+    ),
+    report.Figure(
+        "figures/conv2_filters.png",
+        "Second-layer filters",
+        "conv2's kernels: a row per output channel, a column per input channel.",
+    ),
 ]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.main_parser("Train and test a Fashion-MNIST classifier (Part 1).")
     d = parser.add_argument_group("data")
-    d.add_argument("--data-root", metavar="DIR",
-                   help="folder with the four Fashion-MNIST IDX files, .gz or raw "
-                        f"(default: {DEFAULTS['data_root']})")
+    d.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="folder with the four Fashion-MNIST IDX files, .gz or raw "
+        f"(default: {DEFAULTS['data_root']})",
+    )
     d.add_argument("--no-download", action="store_true", help="never try to download files")
-    d.add_argument("--val-fraction", type=cli.float_in(0, 1, high_open=True), metavar="F",
-                   help="share of the training images held out for validation (default: 0.2)")
-    d.add_argument("--train-limit", type=cli.POSITIVE_INT, metavar="N",
-                   help="use only the first N of the 60,000 training images (before the split)")
-    d.add_argument("--augment", choices=sorted(AUGMENTATIONS),
-                   help="training augmentation (default: per model; translate_flip = shifts of "
-                        "up to 2 px and left-right flips; _erase adds random erasing)")
-    cli.add_common_args(parser, models=models.models_for(TASK), default_model=DEFAULTS["model"],
-                        eval_batch_size=2000, output_root=OUTPUT_ROOT)
-    parser.add_argument("--label-smoothing", type=cli.float_in(0, 1, high_open=True),
-                        metavar="S", help="cross-entropy label smoothing (default: per model)")
+    d.add_argument(
+        "--val-fraction",
+        type=cli.float_in(0, 1, high_open=True),
+        metavar="F",
+        help="share of the training images held out for validation (default: 0.2)",
+    )
+    d.add_argument(
+        "--train-limit",
+        type=cli.POSITIVE_INT,
+        metavar="N",
+        help="use only the first N of the 60,000 training images (before the split)",
+    )
+    d.add_argument(
+        "--augment",
+        choices=sorted(AUGMENTATIONS),
+        help="training augmentation (default: per model; translate_flip = shifts of "
+        "up to 2 px and left-right flips; _erase adds random erasing)",
+    )
+    cli.add_common_args(
+        parser,
+        models=models.models_for(TASK),
+        default_model=DEFAULTS["model"],
+        eval_batch_size=2000,
+        output_root=OUTPUT_ROOT,
+    )
+    parser.add_argument(
+        "--label-smoothing",
+        type=cli.float_in(0, 1, high_open=True),
+        metavar="S",
+        help="cross-entropy label smoothing (default: per model)",
+    )
     return parser
 
 
@@ -94,26 +156,39 @@ def load_data(args, rt: utils.Runtime, ckpt: dict | None):
     empty = (test[0][:0], test[1][:0])
     if args.eval_only:
         splits = {"train": empty, "val": empty, "test": test}
-        return {k: tuple(t.to(rt.device) for t in v) for k, v in splits.items()}, \
-            ckpt["normalization"]
+        return {k: tuple(t.to(rt.device) for t in v) for k, v in splits.items()}, ckpt[
+            "normalization"
+        ]
     train_x, train_y = datasets.load_fashion_split(root, "train")
     train_x, train_y = train_x[: args.train_limit], train_y[: args.train_limit]
     train_idx, val_idx = datasets.split_train_val(len(train_x), args.val_fraction, args.seed)
     if len(train_idx) == 0:
-        raise utils.UserError("no training images left after the split "
-                              "(raise --train-limit or lower --val-fraction)")
+        raise utils.UserError(
+            "no training images left after the split (raise --train-limit or lower --val-fraction)"
+        )
     mean, std = datasets.channel_stats(train_x[train_idx])
-    splits = {"train": (train_x[train_idx], train_y[train_idx]),
-              "val": (train_x[val_idx], train_y[val_idx]), "test": test}
-    return ({k: tuple(t.to(rt.device) for t in v) for k, v in splits.items()},
-            {"mean": mean, "std": std})
+    splits = {
+        "train": (train_x[train_idx], train_y[train_idx]),
+        "val": (train_x[val_idx], train_y[val_idx]),
+        "test": test,
+    }
+    return (
+        {k: tuple(t.to(rt.device) for t in v) for k, v in splits.items()},
+        {"mean": mean, "std": std},
+    )
 
 
 def build_loaders(args, rt: utils.Runtime, splits: dict, normalization: dict):
-    common = dict(mean=normalization["mean"], std=normalization["std"], seed=args.seed,
-                  rank=rt.rank, world_size=rt.world_size)
-    train = datasets.TensorLoader(*splits["train"], args.batch_size, train=True,
-                                  augment=AUGMENTATIONS[args.augment], **common)
+    common = dict(
+        mean=normalization["mean"],
+        std=normalization["std"],
+        seed=args.seed,
+        rank=rt.rank,
+        world_size=rt.world_size,
+    )
+    train = datasets.TensorLoader(
+        *splits["train"], args.batch_size, train=True, augment=AUGMENTATIONS[args.augment], **common
+    )
     val = datasets.TensorLoader(*splits["val"], args.eval_batch_size, train=False, **common)
     test = datasets.TensorLoader(*splits["test"], args.eval_batch_size, train=False, **common)
     return train, val, test
@@ -125,35 +200,73 @@ def main(args) -> dict:
     if args.report_only:
         return rebuild_report(Path(args.report_only))
     ckpt_path = args.resume or args.eval_only
-    ckpt = utils.load_checkpoint(ckpt_path, task=TASK) if ckpt_path else None
+    ckpt = runfiles.load_checkpoint(ckpt_path, task=TASK) if ckpt_path else None
     cli.resolve_args(args, defaults=DEFAULTS, recipes=RECIPES, ckpt=ckpt)
-    rt = utils.setup_runtime(device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
-                             channels_last=args.channels_last, threads=args.threads,
-                             progress=not args.no_progress)
+    rt = utils.setup_runtime(
+        device=args.device,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        channels_last=args.channels_last,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
     utils.seed_everything(args.seed + rt.rank)  # per-rank dropout masks; DDP syncs the weights
     splits, normalization = load_data(args, rt, ckpt)  # bad data stops before the run folder
     train_loader, val_loader, test_loader = build_loaders(args, rt, splits, normalization)
     net = models.build_model(args.model, num_classes=len(NAMES))
-    model, model_without_ddp = utils.prepare_model(net, rt, compile_model=args.compile,
-                                                   sync_bn=args.sync_bn)
-    run_dir, log = utils.start_run(args, rt, OUTPUT_ROOT)
+    model, model_without_ddp = utils.prepare_model(
+        net, rt, compile_model=args.compile, sync_bn=args.sync_bn
+    )
+    run_dir, log = runfiles.start_run(args, rt, OUTPUT_ROOT)
     loss_fn = engine.CrossEntropy(label_smoothing=args.label_smoothing)
-    log.info("model %s: %d parameters; %d train / %d val / %d test images", args.model,
-             models.count_parameters(net), *(len(splits[s][0]) for s in ("train", "val", "test")))
+    log.info(
+        "model %s: %d parameters; %d train / %d val / %d test images",
+        args.model,
+        models.count_parameters(net),
+        *(len(splits[s][0]) for s in ("train", "val", "test")),
+    )
     if args.eval_only:
         model_without_ddp.load_state_dict(ckpt["model"])
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
-        meta = {"task": TASK, "model_name": args.model, "model_kwargs": {"num_classes": len(NAMES)},
-                "class_names": NAMES, "normalization": normalization, "args": vars(args)}
-        tested = engine.fit(args, rt, (model, model_without_ddp), (train_loader, val_loader),
-                            loss_fn, run_dir, log, meta, ckpt, select=("val_accuracy", "max"))
-    results = engine.evaluate(model_without_ddp, test_loader, loss_fn, rt,
-                              ConfusionMatrix(len(NAMES), keep_predictions=True), desc="test")
+        meta = {
+            "task": TASK,
+            "model_name": args.model,
+            "model_kwargs": {"num_classes": len(NAMES)},
+            "class_names": NAMES,
+            "normalization": normalization,
+            "args": vars(args),
+        }
+        tested = engine.fit(
+            args,
+            rt,
+            (model, model_without_ddp),
+            (train_loader, val_loader),
+            loss_fn,
+            run_dir,
+            log,
+            meta,
+            ckpt,
+            select=("val_accuracy", "max"),
+        )
+    results = engine.evaluate(
+        model_without_ddp,
+        test_loader,
+        loss_fn,
+        rt,
+        ConfusionMatrix(len(NAMES), keep_predictions=True),
+        desc="test",
+    )
     if rt.is_main:
-        results = write_outputs(run_dir, results | tested | {"model": args.model},
-                                model_without_ddp, splits["test"], normalization, log)
-    utils.close_logger(log)
+        results = write_outputs(
+            run_dir,
+            results | tested | {"model": args.model},
+            model_without_ddp,
+            splits["test"],
+            normalization,
+            log,
+        )
+    runfiles.close_logger(log)
     utils.cleanup_runtime(rt)
     return results
 
@@ -164,15 +277,26 @@ def write_outputs(run_dir: Path, test: dict, model, test_split, normalization: d
     plot_examples(test_split, test["predictions"], figures)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][:2]
     for k, conv in enumerate(convs, 1):
-        shape = f"{conv.out_channels} x {conv.in_channels} of {conv.kernel_size[0]}x{conv.kernel_size[1]}"
-        report.plot_filters(conv.weight, figures / f"conv{k}_filters.png", f"conv{k} filters ({shape})")
-    results = {"task": TASK, "test_accuracy": test["accuracy"],
-               "mean_per_class_accuracy": test["mean_per_class_accuracy"],
-               "per_class_accuracy": dict(zip(NAMES, test["per_class_accuracy"])),
-               "test_loss": test["loss"], "confusion_matrix": test["confusion_matrix"],
-               "checkpoint": test["checkpoint"], "checkpoint_epoch": test["checkpoint_epoch"],
-               "model": test["model"], "parameters": models.count_parameters(model),
-               "normalization": normalization}
+        shape = (
+            f"{conv.out_channels} x {conv.in_channels} "
+            f"of {conv.kernel_size[0]}x{conv.kernel_size[1]}"
+        )
+        report.plot_filters(
+            conv.weight, figures / f"conv{k}_filters.png", f"conv{k} filters ({shape})"
+        )
+    results = {
+        "task": TASK,
+        "test_accuracy": test["accuracy"],
+        "mean_per_class_accuracy": test["mean_per_class_accuracy"],
+        "per_class_accuracy": dict(zip(NAMES, test["per_class_accuracy"])),
+        "test_loss": test["loss"],
+        "confusion_matrix": test["confusion_matrix"],
+        "checkpoint": test["checkpoint"],
+        "checkpoint_epoch": test["checkpoint_epoch"],
+        "model": test["model"],
+        "parameters": models.count_parameters(model),
+        "normalization": normalization,
+    }
     return publish(run_dir, results, log)
 
 
@@ -181,7 +305,7 @@ def rebuild_report(run_dir: Path) -> dict:
     and filter figures need the model and are kept as they are)."""
     if not (run_dir / "results.json").is_file():
         raise utils.UserError(f"{run_dir} has no results.json: not a finished Part 1 run folder")
-    results = utils.read_json(run_dir / "results.json")
+    results = runfiles.read_json(run_dir / "results.json")
     if "test_accuracy" not in results:
         raise utils.UserError(f"{run_dir} is not a Part 1 run folder")
     return publish(run_dir, results, None)
@@ -190,29 +314,41 @@ def rebuild_report(run_dir: Path) -> dict:
 def publish(run_dir: Path, results: dict, log) -> dict:
     results = report.add_training_summary(run_dir, results)
     per_class = results["per_class_accuracy"]
-    report.plot_bars(list(per_class), list(per_class.values()),
-                     run_dir / "figures/per_class_accuracy.png", "test accuracy",
-                     "Per-class test accuracy")
+    report.plot_bars(
+        list(per_class),
+        list(per_class.values()),
+        run_dir / "figures/per_class_accuracy.png",
+        "test accuracy",
+        "Per-class test accuracy",
+    )
     return report.finish_run(run_dir, results, report_page(results), NAMES, log)
 
 
 def report_page(results: dict) -> report.Page:
     reference = f"{REFERENCE_MEAN_PER_CLASS_ACCURACY:.1%}"
-    summary = [("model", results["model"], "sigmoid CNN"),
-               ("test accuracy", f"{results['test_accuracy']:.2%}", ""),
-               ("mean per-class accuracy", f"{results['mean_per_class_accuracy']:.2%}", reference),
-               ("tested checkpoint", f"{results['checkpoint']} (epoch "
-                                     f"{results['checkpoint_epoch']})", "")]
+    summary = [
+        ("model", results["model"], "sigmoid CNN"),
+        ("test accuracy", f"{results['test_accuracy']:.2%}", ""),
+        ("mean per-class accuracy", f"{results['mean_per_class_accuracy']:.2%}", reference),
+        ("tested checkpoint", f"{results['checkpoint']} (epoch {results['checkpoint_epoch']})", ""),
+    ]
     if "epochs_trained" in results:
-        summary += [("epochs", str(results["epochs_trained"]), ""),
-                    ("training time", report.duration(results["train_time_s"]), ""),
-                    ("training images/s", f"{results['train_images_per_s']:.0f}", "")]
+        summary += [
+            ("epochs", str(results["epochs_trained"]), ""),
+            ("training time", report.duration(results["train_time_s"]), ""),
+            ("training images/s", f"{results['train_images_per_s']:.0f}", ""),
+        ]
     per_class = results["per_class_accuracy"]
     lines = [f"{n} = {100 * v:.1f}%" for n, v in per_class.items()]
-    lines += [f"Mean per-class accuracy = {100 * results['mean_per_class_accuracy']:.2f}%",
-              f"Test accuracy = {100 * results['test_accuracy']:.2f}%"]
-    table = ("Per-class test accuracy", ["class", "accuracy"],
-             [[n, f"{v:.1%}"] for n, v in per_class.items()])
+    lines += [
+        f"Mean per-class accuracy = {100 * results['mean_per_class_accuracy']:.2f}%",
+        f"Test accuracy = {100 * results['test_accuracy']:.2f}%",
+    ]
+    table = (
+        "Per-class test accuracy",
+        ["class", "accuracy"],
+        [[n, f"{v:.1%}"] for n, v in per_class.items()],
+    )
     return report.Page("Part 1: Fashion-MNIST classification", summary, [table], FIGURES, lines)
 
 
@@ -222,8 +358,12 @@ def plot_examples(test_split, predictions: torch.Tensor, fig_dir: Path, per_clas
     images, labels = test_split[0].cpu(), test_split[1].cpu()
     predictions = predictions.cpu()
     for kind, want_correct in (("correct", True), ("incorrect", False)):
-        columns = [torch.nonzero((labels == c) & ((predictions == labels) == want_correct))
-                   .flatten()[:per_class].tolist() for c in range(len(NAMES))]
+        columns = [
+            torch.nonzero((labels == c) & ((predictions == labels) == want_correct))
+            .flatten()[:per_class]
+            .tolist()
+            for c in range(len(NAMES))
+        ]
         tiles, titles, colors = [], [], []
         for row in range(per_class):
             for c, picks in enumerate(columns):
@@ -234,12 +374,20 @@ def plot_examples(test_split, predictions: torch.Tensor, fig_dir: Path, per_clas
                     continue
                 i = picks[row]
                 tiles.append(images[i, 0].numpy())
-                titles.append(NAMES[c] if want_correct
-                              else f"true: {NAMES[c]}\npred: {NAMES[predictions[i]]}")
+                titles.append(
+                    NAMES[c] if want_correct else f"true: {NAMES[c]}\npred: {NAMES[predictions[i]]}"
+                )
                 colors.append("green" if want_correct else "red")
-        report.plot_image_grid(tiles, titles, fig_dir / f"{kind}_examples.png", cols=len(NAMES),
-                               title=f"{kind.capitalize()} test examples (first {per_class} "
-                                     "per class)", cmap="gray", tile=1.25, title_colors=colors)
+        report.plot_image_grid(
+            tiles,
+            titles,
+            fig_dir / f"{kind}_examples.png",
+            cols=len(NAMES),
+            title=f"{kind.capitalize()} test examples (first {per_class} per class)",
+            cmap="gray",
+            tile=1.25,
+            title_colors=colors,
+        )
 
 
 if __name__ == "__main__":

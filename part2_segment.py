@@ -11,6 +11,7 @@
 Writes one run folder: args.json, log.txt, metrics.csv, results.json, report.html, figures/*.png,
 checkpoints/{last,best}.pt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,79 +24,153 @@ import cli
 import datasets
 import engine
 import models
+import predict
 import report
+import runfiles
 import utils
 from metrics import PixelScores
-import predict
 
 TASK, OUTPUT_ROOT = "segmentation", "outputs/part2"
 NAMES = datasets.FACADE_CLASSES
 NUM_CLASSES = len(NAMES)
-REFERENCE_AP = {"others": 0.607, "facade": 0.768, "pillar": 0.122, "window": 0.780,
-                "balcony": 0.417}  # the reference report; mean 0.539
-DEFAULTS = {"model": "facade_fcn", "data": "data/facade", "train_range": [0, 799],
-            "val_range": [800, 899], "test_range": [0, 109], "crop": 256,
-            "crop_scale": [0.6, 1.25]}
+REFERENCE_AP = {
+    "others": 0.607,
+    "facade": 0.768,
+    "pillar": 0.122,
+    "window": 0.780,
+    "balcony": 0.417,
+}  # the reference report; mean 0.539
+DEFAULTS = {
+    "model": "facade_fcn",
+    "data": "data/facade",
+    "train_range": [0, 799],
+    "val_range": [800, 899],
+    "test_range": [0, 109],
+    "crop": 256,
+    "crop_scale": [0.6, 1.25],
+}
 RECIPES = {
     # The reference: Adam 1e-3, weight decay 1e-5, batch 25, plain cross-entropy, no augmentation.
-    "facade_fcn": dict(epochs=30, batch_size=25, lr=1e-3, weight_decay=1e-5, optimizer="adam",
-                       schedule="constant", warmup_epochs=0, loss="ce", augment="none"),
-    "unet": dict(epochs=150, batch_size=16, lr=2e-3, weight_decay=1e-4, optimizer="adamw",
-                 schedule="cosine", warmup_epochs=3, loss="weighted_ce_dice",
-                 augment="scale_crop_flip_jitter", width=32),
+    "facade_fcn": dict(
+        epochs=30,
+        batch_size=25,
+        lr=1e-3,
+        weight_decay=1e-5,
+        optimizer="adam",
+        schedule="constant",
+        warmup_epochs=0,
+        loss="ce",
+        augment="none",
+    ),
+    "unet": dict(
+        epochs=150,
+        batch_size=16,
+        lr=2e-3,
+        weight_decay=1e-4,
+        optimizer="adamw",
+        schedule="cosine",
+        warmup_epochs=3,
+        loss="weighted_ce_dice",
+        augment="scale_crop_flip_jitter",
+        width=32,
+    ),
 }
 FIGURES = [
     *report.TRAINING_FIGURES,
-    report.Figure("figures/per_class_ap.png", "Per-class average precision",
-                  "AP of each class over all test pixels (sklearn's definition, raw scores), "
-                  "beside the reference report's values."),
-    report.Figure("figures/pr_curves.png", "Precision-recall curves",
-                  "Precision against recall of each class as the score threshold falls; the "
-                  "area under each curve is its AP."),
+    report.Figure(
+        "figures/per_class_ap.png",
+        "Per-class average precision",
+        "AP of each class over all test pixels (sklearn's definition, raw scores), "
+        "beside the reference report's values.",
+    ),
+    report.Figure(
+        "figures/pr_curves.png",
+        "Precision-recall curves",
+        "Precision against recall of each class as the score threshold falls; the "
+        "area under each curve is its AP.",
+    ),
     report.CONFUSION_FIGURE,
-    report.Figure("figures/predictions.png", "Test predictions",
-                  "Fixed test images: the photo, the ground truth and the network's prediction, "
-                  "in the dataset's class colours (key under the images).", wide=True),
+    report.Figure(
+        "figures/predictions.png",
+        "Test predictions",
+        "Fixed test images: the photo, the ground truth and the network's prediction, "
+        "in the dataset's class colours (key under the images).",
+        wide=True,
+    ),
 ]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.main_parser(
         "Train and test a facade segmenter (Part 2). Segment your own photos with: "
-        "part2_segment.py predict --checkpoint CKPT IMAGE... (predict --help)")
+        "part2_segment.py predict --checkpoint CKPT IMAGE... (predict --help)"
+    )
     d = parser.add_argument_group("data")
-    d.add_argument("--data", metavar="DIR",
-                   help=f"dataset folder holding train/ and test_dev/ (default: {DEFAULTS['data']})")
+    d.add_argument(
+        "--data",
+        metavar="DIR",
+        help=f"dataset folder holding train/ and test_dev/ (default: {DEFAULTS['data']})",
+    )
     for split, where in (("train", "train/"), ("val", "train/"), ("test", "test_dev/")):
         first, last = DEFAULTS[f"{split}_range"]
-        d.add_argument(f"--{split}-range", type=cli.NONNEG_INT, nargs=2, metavar=("FIRST", "LAST"),
-                       help=f"{split} images {where}eecs442_FIRST..LAST, inclusive "
-                            f"(default: {first} {last})")
-    d.add_argument("--augment", choices=["none", "scale_crop_flip_jitter"],
-                   help="training augmentation (default: per model)")
-    d.add_argument("--crop", type=cli.POSITIVE_INT, metavar="PX",
-                   help="training crop of scale_crop_flip_jitter; a multiple of the model's size "
-                        "multiple (default: 256)")
-    d.add_argument("--crop-scale", type=cli.float_in(0, low_open=True), nargs=2,
-                   metavar=("LO", "HI"),
-                   help="side of the random box, as a share of the image side, that is resized "
-                        "to --crop: 0.5 0.5 with --crop 128 keeps 256-px images at their scale "
-                        "(default: 0.6 1.25)")
-    d.add_argument("--num-examples", type=cli.POSITIVE_INT, default=6, metavar="N",
-                   help="test images in the prediction figure (default: 6)")
-    cli.add_common_args(parser, models=models.models_for(TASK), default_model=DEFAULTS["model"],
-                        eval_batch_size=10, output_root=OUTPUT_ROOT)
-    parser.add_argument("--loss", choices=["ce", "weighted_ce_dice"],
-                        help="ce = cross-entropy; weighted_ce_dice = class-balanced cross-entropy "
-                             "+ soft Dice (default: per model)")
-    parser.add_argument("--width", type=cli.POSITIVE_INT, metavar="C",
-                        help="U-Net base width (default: 32)")
+        d.add_argument(
+            f"--{split}-range",
+            type=cli.NONNEG_INT,
+            nargs=2,
+            metavar=("FIRST", "LAST"),
+            help=f"{split} images {where}eecs442_FIRST..LAST, inclusive (default: {first} {last})",
+        )
+    d.add_argument(
+        "--augment",
+        choices=["none", "scale_crop_flip_jitter"],
+        help="training augmentation (default: per model)",
+    )
+    d.add_argument(
+        "--crop",
+        type=cli.POSITIVE_INT,
+        metavar="PX",
+        help="training crop of scale_crop_flip_jitter; a multiple of the model's size "
+        "multiple (default: 256)",
+    )
+    d.add_argument(
+        "--crop-scale",
+        type=cli.float_in(0, low_open=True),
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="side of the random box, as a share of the image side, that is resized "
+        "to --crop: 0.5 0.5 with --crop 128 keeps 256-px images at their scale "
+        "(default: 0.6 1.25)",
+    )
+    d.add_argument(
+        "--num-examples",
+        type=cli.POSITIVE_INT,
+        default=6,
+        metavar="N",
+        help="test images in the prediction figure (default: 6)",
+    )
+    cli.add_common_args(
+        parser,
+        models=models.models_for(TASK),
+        default_model=DEFAULTS["model"],
+        eval_batch_size=10,
+        output_root=OUTPUT_ROOT,
+    )
+    parser.add_argument(
+        "--loss",
+        choices=["ce", "weighted_ce_dice"],
+        help="ce = cross-entropy; weighted_ce_dice = class-balanced cross-entropy "
+        "+ soft Dice (default: per model)",
+    )
+    parser.add_argument(
+        "--width", type=cli.POSITIVE_INT, metavar="C", help="U-Net base width (default: 32)"
+    )
     return parser
 
 
 def model_kwargs(args) -> dict:
-    return {"num_classes": NUM_CLASSES} | ({"width": args.width, "depth": 4}
-                                           if args.model == "unet" else {})
+    return {"num_classes": NUM_CLASSES} | (
+        {"width": args.width, "depth": 4} if args.model == "unet" else {}
+    )
 
 
 def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
@@ -110,8 +185,9 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
     folders = {"train": root / "train", "val": root / "train", "test": root / "test_dev"}
     splits = {}
     for name in names:
-        images, labels = datasets.load_facade_split(folders[name], *getattr(args, f"{name}_range"),
-                                                    NUM_CLASSES)
+        images, labels = datasets.load_facade_split(
+            folders[name], *getattr(args, f"{name}_range"), NUM_CLASSES
+        )
         check_size(images, name, multiple)
         splits[name] = (images.to(rt.device), labels.to(rt.device))
     if args.eval_only:
@@ -123,9 +199,11 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
 def check_size(images: torch.Tensor, split: str, multiple: int) -> None:
     h, w = images.shape[-2:]
     if h % multiple or w % multiple:
-        raise utils.UserError(f"{split} images are {w}x{h}; this model needs sides divisible by "
-                              f"{multiple} (predict pads any size; for training, crop or resize "
-                              "the data)")
+        raise utils.UserError(
+            f"{split} images are {w}x{h}; this model needs sides divisible by "
+            f"{multiple} (predict pads any size; for training, crop or resize "
+            "the data)"
+        )
 
 
 def make_loss(name: str, train_labels: torch.Tensor) -> engine.CrossEntropy:
@@ -139,15 +217,24 @@ def make_loss(name: str, train_labels: torch.Tensor) -> engine.CrossEntropy:
 
 
 def build_loaders(args, rt: utils.Runtime, splits: dict, normalization: dict):
-    common = dict(mean=normalization["mean"], std=normalization["std"], seed=args.seed,
-                  rank=rt.rank, world_size=rt.world_size)
+    common = dict(
+        mean=normalization["mean"],
+        std=normalization["std"],
+        seed=args.seed,
+        rank=rt.rank,
+        world_size=rt.world_size,
+    )
     augment = None
     if args.augment == "scale_crop_flip_jitter":
+
         def augment(x, y, g, rows, total):
-            return datasets.random_scale_crop_flip_jitter(x, y, g, rows, total, crop=args.crop,
-                                                          scale_range=tuple(args.crop_scale))
-    train = datasets.TensorLoader(*splits["train"], args.batch_size, train=True, augment=augment,
-                                  **common)
+            return datasets.random_scale_crop_flip_jitter(
+                x, y, g, rows, total, crop=args.crop, scale_range=tuple(args.crop_scale)
+            )
+
+    train = datasets.TensorLoader(
+        *splits["train"], args.batch_size, train=True, augment=augment, **common
+    )
     val = datasets.TensorLoader(*splits["val"], args.eval_batch_size, train=False, **common)
     test = datasets.TensorLoader(*splits["test"], args.eval_batch_size, train=False, **common)
     return train, val, test
@@ -159,65 +246,126 @@ def main(args) -> dict:
     if args.report_only:
         return rebuild_report(Path(args.report_only))
     ckpt_path = args.resume or args.eval_only
-    ckpt = utils.load_checkpoint(ckpt_path, task=TASK) if ckpt_path else None
+    ckpt = runfiles.load_checkpoint(ckpt_path, task=TASK) if ckpt_path else None
     cli.resolve_args(args, defaults=DEFAULTS, recipes=RECIPES, ckpt=ckpt)
-    rt = utils.setup_runtime(device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
-                             channels_last=args.channels_last, threads=args.threads,
-                             progress=not args.no_progress)
+    rt = utils.setup_runtime(
+        device=args.device,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        channels_last=args.channels_last,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
     utils.seed_everything(args.seed + rt.rank)  # per-rank random draws; DDP syncs the weights
     net = models.build_model(args.model, **(ckpt["model_kwargs"] if ckpt else model_kwargs(args)))
     if args.crop % net.size_multiple:
-        raise utils.UserError(f"--crop {args.crop} is not a multiple of {net.size_multiple}, "
-                              f"which {args.model} needs")
+        raise utils.UserError(
+            f"--crop {args.crop} is not a multiple of {net.size_multiple}, which {args.model} needs"
+        )
     splits = load_data(args, rt, net.size_multiple)  # bad data stops before the run folder
-    normalization = ckpt["normalization"] if ckpt else dict(
-        zip(("mean", "std"), datasets.channel_stats(splits["train"][0])))
+    normalization = (
+        ckpt["normalization"]
+        if ckpt
+        else dict(zip(("mean", "std"), datasets.channel_stats(splits["train"][0])))
+    )
     train_loader, val_loader, test_loader = build_loaders(args, rt, splits, normalization)
     h, w = splits["test"][0].shape[-2:]
     flops = models.forward_flops(net, (1, 3, h, w))
-    model, model_without_ddp = utils.prepare_model(net, rt, compile_model=args.compile,
-                                                   sync_bn=args.sync_bn)
-    run_dir, log = utils.start_run(args, rt, OUTPUT_ROOT)
-    log.info("model %s: %d parameters, %.1f GFLOP per %dx%d image; %d train / %d val / %d test "
-             "images", args.model, models.count_parameters(net), flops / 1e9, w, h,
-             *(len(splits[s][0]) for s in ("train", "val", "test")))
+    model, model_without_ddp = utils.prepare_model(
+        net, rt, compile_model=args.compile, sync_bn=args.sync_bn
+    )
+    run_dir, log = runfiles.start_run(args, rt, OUTPUT_ROOT)
+    log.info(
+        "model %s: %d parameters, %.1f GFLOP per %dx%d image; %d train / %d val / %d test images",
+        args.model,
+        models.count_parameters(net),
+        flops / 1e9,
+        w,
+        h,
+        *(len(splits[s][0]) for s in ("train", "val", "test")),
+    )
     if args.eval_only:
         model_without_ddp.load_state_dict(ckpt["model"])
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
-        meta = {"task": TASK, "model_name": args.model, "model_kwargs": model_kwargs(args),
-                "class_names": NAMES, "normalization": normalization, "args": vars(args)}
-        tested = engine.fit(args, rt, (model, model_without_ddp), (train_loader, val_loader),
-                            make_loss(args.loss, splits["train"][1]), run_dir, log, meta, ckpt,
-                            select=("val_loss", "min"))
-    results = engine.evaluate(model_without_ddp, test_loader, engine.CrossEntropy(), rt,
-                              PixelScores(NUM_CLASSES), desc="test")
+        meta = {
+            "task": TASK,
+            "model_name": args.model,
+            "model_kwargs": model_kwargs(args),
+            "class_names": NAMES,
+            "normalization": normalization,
+            "args": vars(args),
+        }
+        tested = engine.fit(
+            args,
+            rt,
+            (model, model_without_ddp),
+            (train_loader, val_loader),
+            make_loss(args.loss, splits["train"][1]),
+            run_dir,
+            log,
+            meta,
+            ckpt,
+            select=("val_loss", "min"),
+        )
+    results = engine.evaluate(
+        model_without_ddp,
+        test_loader,
+        engine.CrossEntropy(),
+        rt,
+        PixelScores(NUM_CLASSES),
+        desc="test",
+    )
     if rt.is_main:
-        tested |= {"model": args.model, "gflops_per_image": flops / 1e9,
-                   "image_size": [int(h), int(w)], "normalization": normalization}
-        results = write_outputs(run_dir, results | tested, model_without_ddp, rt, splits["test"],
-                                args.num_examples, log)
-    utils.close_logger(log)
+        tested |= {
+            "model": args.model,
+            "gflops_per_image": flops / 1e9,
+            "image_size": [int(h), int(w)],
+            "normalization": normalization,
+        }
+        results = write_outputs(
+            run_dir, results | tested, model_without_ddp, rt, splits["test"], args.num_examples, log
+        )
+    runfiles.close_logger(log)
     utils.cleanup_runtime(rt)
     return results
 
 
-def write_outputs(run_dir: Path, test: dict, model, rt, test_split, num_examples: int,
-                  log) -> dict:
+def write_outputs(run_dir: Path, test: dict, model, rt, test_split, num_examples: int, log) -> dict:
     """results.json, every figure and report.html of a finished training or --eval-only.
     Rank 0 alone runs the prediction figure's forward pass, on the unwrapped model."""
-    plot_predictions(model, rt, test_split, test["normalization"], num_examples,
-                     run_dir / "figures/predictions.png")
+    plot_predictions(
+        model,
+        rt,
+        test_split,
+        test["normalization"],
+        num_examples,
+        run_dir / "figures/predictions.png",
+    )
     per_class = {k: dict(zip(NAMES, test[k])) for k in ("ap", "ap_softmax", "iou", "pr_curves")}
-    results = {"task": TASK, "mean_ap": test["mean_ap"], "ap": per_class["ap"],
-               "mean_ap_softmax": test["mean_ap_softmax"], "ap_softmax": per_class["ap_softmax"],
-               "pixel_accuracy": test["pixel_accuracy"], "miou": test["miou"],
-               "iou": per_class["iou"], "test_loss": test["loss"],
-               "test_images_per_s": test["images_per_s"],
-               "confusion_matrix": test["confusion_matrix"], "pr_curves": per_class["pr_curves"],
-               "parameters": models.count_parameters(model)}
-    keep = ("checkpoint", "checkpoint_epoch", "model", "gflops_per_image", "image_size",
-            "normalization")
+    results = {
+        "task": TASK,
+        "mean_ap": test["mean_ap"],
+        "ap": per_class["ap"],
+        "mean_ap_softmax": test["mean_ap_softmax"],
+        "ap_softmax": per_class["ap_softmax"],
+        "pixel_accuracy": test["pixel_accuracy"],
+        "miou": test["miou"],
+        "iou": per_class["iou"],
+        "test_loss": test["loss"],
+        "test_images_per_s": test["images_per_s"],
+        "confusion_matrix": test["confusion_matrix"],
+        "pr_curves": per_class["pr_curves"],
+        "parameters": models.count_parameters(model),
+    }
+    keep = (
+        "checkpoint",
+        "checkpoint_epoch",
+        "model",
+        "gflops_per_image",
+        "image_size",
+        "normalization",
+    )
     return publish(run_dir, results | {k: test[k] for k in keep}, log)
 
 
@@ -226,7 +374,7 @@ def rebuild_report(run_dir: Path) -> dict:
     prediction figure needs the model and is kept as it is)."""
     if not (run_dir / "results.json").is_file():
         raise utils.UserError(f"{run_dir} has no results.json: not a finished Part 2 run folder")
-    results = utils.read_json(run_dir / "results.json")
+    results = runfiles.read_json(run_dir / "results.json")
     if "mean_ap" not in results:
         raise utils.UserError(f"{run_dir} is not a Part 2 run folder")
     return publish(run_dir, results, None)
@@ -234,31 +382,51 @@ def rebuild_report(run_dir: Path) -> dict:
 
 def publish(run_dir: Path, results: dict, log) -> dict:
     results = report.add_training_summary(run_dir, results)
-    report.plot_bars(NAMES, list(results["ap"].values()), run_dir / "figures/per_class_ap.png",
-                     "average precision",
-                     f"Per-class AP on test pixels (mean {results['mean_ap']:.4f})",
-                     reference=list(REFERENCE_AP.values()))
+    report.plot_bars(
+        NAMES,
+        list(results["ap"].values()),
+        run_dir / "figures/per_class_ap.png",
+        "average precision",
+        f"Per-class AP on test pixels (mean {results['mean_ap']:.4f})",
+        reference=list(REFERENCE_AP.values()),
+    )
     plot_pr_curves(results.get("pr_curves", {}), run_dir / "figures/pr_curves.png")
     return report.finish_run(run_dir, results, report_page(results), NAMES, log)
 
 
 def report_page(results: dict) -> report.Page:
     reference_mean = sum(REFERENCE_AP.values()) / NUM_CLASSES
-    summary = [("model", results["model"], "resolution-keeping FCN"),
-               ("mean AP (raw scores)", f"{results['mean_ap']:.4f}", f"{reference_mean:.3f}"),
-               ("mean AP (softmax)", f"{results['mean_ap_softmax']:.4f}", ""),
-               ("mIoU", f"{results['miou']:.4f}", ""),
-               ("pixel accuracy", f"{results['pixel_accuracy']:.4f}", ""),
-               ("GFLOP per image", f"{results['gflops_per_image']:.1f}", "38.8"),
-               ("tested checkpoint", f"{results['checkpoint']} (epoch "
-                                     f"{results['checkpoint_epoch']})", "")]
+    summary = [
+        ("model", results["model"], "resolution-keeping FCN"),
+        ("mean AP (raw scores)", f"{results['mean_ap']:.4f}", f"{reference_mean:.3f}"),
+        ("mean AP (softmax)", f"{results['mean_ap_softmax']:.4f}", ""),
+        ("mIoU", f"{results['miou']:.4f}", ""),
+        ("pixel accuracy", f"{results['pixel_accuracy']:.4f}", ""),
+        ("GFLOP per image", f"{results['gflops_per_image']:.1f}", "38.8"),
+        ("tested checkpoint", f"{results['checkpoint']} (epoch {results['checkpoint_epoch']})", ""),
+    ]
     if "epochs_trained" in results:
-        summary += [("epochs", str(results["epochs_trained"]), ""),
-                    ("training time", report.duration(results["train_time_s"]), "")]
-    table = [[n, f"{results['ap'][n]:.4f}", f"{REFERENCE_AP[n]:.3f}",
-              f"{results['ap_softmax'][n]:.4f}", f"{results['iou'][n]:.4f}"] for n in NAMES]
-    tables = [("Per-class results on test pixels",
-               ["class", "AP", "reference AP", "AP (softmax)", "IoU"], table)]
+        summary += [
+            ("epochs", str(results["epochs_trained"]), ""),
+            ("training time", report.duration(results["train_time_s"]), ""),
+        ]
+    table = [
+        [
+            n,
+            f"{results['ap'][n]:.4f}",
+            f"{REFERENCE_AP[n]:.3f}",
+            f"{results['ap_softmax'][n]:.4f}",
+            f"{results['iou'][n]:.4f}",
+        ]
+        for n in NAMES
+    ]
+    tables = [
+        (
+            "Per-class results on test pixels",
+            ["class", "AP", "reference AP", "AP (softmax)", "IoU"],
+            table,
+        )
+    ]
     lines = [f"{n}: AP = {results['ap'][n]:.4f}" for n in NAMES]
     lines.append(f"Mean AP = {results['mean_ap']:.4f}")
     return report.Page("Part 2: facade semantic segmentation", summary, tables, FIGURES, lines)
@@ -273,12 +441,21 @@ def plot_predictions(model, rt, test_split, normalization, count: int, path: Pat
     preds = predict.predict_logits(model, rt, x, model.size_multiple).argmax(1).cpu()
     tiles, titles = [], []
     for k, i in enumerate(picks):
-        tiles += [images[i].permute(1, 2, 0).cpu().numpy(), datasets.colorize(labels[i].cpu()),
-                  datasets.colorize(preds[k])]
+        tiles += [
+            images[i].permute(1, 2, 0).cpu().numpy(),
+            datasets.colorize(labels[i].cpu()),
+            datasets.colorize(preds[k]),
+        ]
         titles += [f"test image {i}", f"image {i}: ground truth", f"image {i}: prediction"]
-    report.plot_image_grid(tiles, titles, path, cols=6 if len(picks) > 1 else 3, tile=1.9,
-                           title="Test predictions",
-                           legend=list(zip(NAMES, datasets.FACADE_PALETTE)))
+    report.plot_image_grid(
+        tiles,
+        titles,
+        path,
+        cols=6 if len(picks) > 1 else 3,
+        tile=1.9,
+        title="Test predictions",
+        legend=list(zip(NAMES, datasets.FACADE_PALETTE)),
+    )
 
 
 def plot_pr_curves(curves: dict, path: Path) -> None:
@@ -288,8 +465,13 @@ def plot_pr_curves(curves: dict, path: Path) -> None:
         if curves.get(name):
             color = [v / 255 for v in datasets.FACADE_PALETTE[c]] if c else "gray"
             ax.plot(curves[name]["recall"], curves[name]["precision"], label=name, color=color)
-    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall per class (test pixels)",
-           xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(
+        xlabel="recall",
+        ylabel="precision",
+        title="Precision-recall per class (test pixels)",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     report.save_figure(fig, path)

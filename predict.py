@@ -1,5 +1,6 @@
 """``part2_segment.py predict``: segment photos of any size with a trained Part 2 checkpoint.
 Writes NAME_mask.png (the dataset's class colours) and NAME_overlay.png for every image."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,34 +16,54 @@ from PIL import Image
 import cli
 import datasets
 import models
+import runfiles
 import utils
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = cli.Parser(prog="part2_segment.py predict",
-                        description="Segment images with a trained checkpoint: writes "
-                                    "NAME_mask.png and NAME_overlay.png per image.")
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files of any size (jpg, png, ...)")
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
-                        help="checkpoint of a Part 2 training run")
-    parser.add_argument("--output-dir", default="outputs/predict", metavar="DIR",
-                        help="where to write (default: outputs/predict)")
-    parser.add_argument("--max-size", type=cli.POSITIVE_INT, default=1024, metavar="PX",
-                        help="larger images are downscaled to this longer side for the network "
-                             "and the scores upsampled back to full size (default: 1024)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto = CUDA when available (default: auto)")
+    parser = cli.Parser(
+        prog="part2_segment.py predict",
+        description="Segment images with a trained checkpoint: writes "
+        "NAME_mask.png and NAME_overlay.png per image.",
+    )
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files of any size (jpg, png, ...)"
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="checkpoint of a Part 2 training run"
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/predict",
+        metavar="DIR",
+        help="where to write (default: outputs/predict)",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=cli.POSITIVE_INT,
+        default=1024,
+        metavar="PX",
+        help="larger images are downscaled to this longer side for the network "
+        "and the scores upsampled back to full size (default: 1024)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto = CUDA when available (default: auto)",
+    )
     return parser
 
 
 def main(args) -> int:
     """Returns the exit code: 1 if any image failed (after doing the others), else 0."""
-    ckpt = utils.load_checkpoint(args.checkpoint, task="segmentation")
+    ckpt = runfiles.load_checkpoint(args.checkpoint, task="segmentation")
     model = models.from_checkpoint(ckpt)
     if args.max_size < model.size_multiple:
-        raise utils.UserError(f"--max-size {args.max_size} is below {model.size_multiple}, the "
-                              f"smallest side {ckpt['model_name']} accepts")
+        raise utils.UserError(
+            f"--max-size {args.max_size} is below {model.size_multiple}, the "
+            f"smallest side {ckpt['model_name']} accepts"
+        )
     rt = utils.setup_runtime(device=args.device)
     model = model.to(rt.device)
     failures = 0
@@ -57,7 +78,7 @@ def main(args) -> int:
         color = datasets.colorize(mask)
         overlay = (0.5 * rgb + 0.5 * color).astype(np.uint8)
         for suffix, array in (("mask", color), ("overlay", overlay)):
-            with utils.atomic_path(Path(args.output_dir) / f"{name}_{suffix}.png") as tmp:
+            with runfiles.atomic_path(Path(args.output_dir) / f"{name}_{suffix}.png") as tmp:
                 Image.fromarray(array).save(tmp, format="PNG")
         print(f"{image_path} -> {Path(args.output_dir) / name}_mask.png, _overlay.png")
     return 1 if failures else 0
@@ -89,8 +110,9 @@ def predict_logits(model, rt: utils.Runtime, x: torch.Tensor, multiple: int) -> 
     return logits.float()[..., :h, :w]
 
 
-def segment_image(model, rt: utils.Runtime, rgb: np.ndarray, normalization: dict,
-                  max_size: int) -> torch.Tensor:
+def segment_image(
+    model, rt: utils.Runtime, rgb: np.ndarray, normalization: dict, max_size: int
+) -> torch.Tensor:
     """Class mask (H, W) for one RGB array of any size."""
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(rt.device)
     x = datasets.normalize(x, normalization["mean"], normalization["std"])

@@ -1,5 +1,6 @@
 """What a finished run shows a person: figures (matplotlib, Agg), results.json and a
 self-contained report.html. Both parts write their outputs through ``finish_run``."""
+
 from __future__ import annotations
 
 import base64
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import utils
+import runfiles
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Figure:
 class Page:
     """One run's report: a summary (rows with a reference value are shown beside it, the others
     as this run's details), tables, figures, console lines."""
+
     title: str
     summary: list[tuple[str, str, str]]  # (quantity, this run, reference report)
     tables: list[tuple[str, list[str], list[list]]] = field(default_factory=list)
@@ -34,23 +36,31 @@ class Page:
 
 
 TRAINING_FIGURES = [
-    Figure("figures/loss_curve.png", "Loss per epoch",
-           "Training loss (mean over the epoch's batches) and validation loss (over the whole "
-           "validation split); the gap between them shows over-fitting."),
-    Figure("figures/accuracy_curve.png", "Accuracy per epoch",
-           "Training and validation accuracy (pixel accuracy in Part 2) after every epoch."),
+    Figure(
+        "figures/loss_curve.png",
+        "Loss per epoch",
+        "Training loss (mean over the epoch's batches) and validation loss (over the whole "
+        "validation split); the gap between them shows over-fitting.",
+    ),
+    Figure(
+        "figures/accuracy_curve.png",
+        "Accuracy per epoch",
+        "Training and validation accuracy (pixel accuracy in Part 2) after every epoch.",
+    ),
 ]
 
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def save_figure(fig, path: Path) -> None:
-    with utils.atomic_path(path) as tmp:
+    with runfiles.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     _plt().close(fig)
 
@@ -68,8 +78,14 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, ylabel: str, titl
     save_figure(fig, path)
 
 
-def plot_bars(names: list[str], values: list[float], path: Path, ylabel: str, title: str,
-              reference: list[float] | None = None) -> None:
+def plot_bars(
+    names: list[str],
+    values: list[float],
+    path: Path,
+    ylabel: str,
+    title: str,
+    reference: list[float] | None = None,
+) -> None:
     """Per-class values, with the reference report's values as hatched bars beside them (the
     legend above 1, where it hides no bar)."""
     fig, ax = _plt().subplots(figsize=(max(5, 0.8 * len(names)), 4))
@@ -78,13 +94,24 @@ def plot_bars(names: list[str], values: list[float], path: Path, ylabel: str, ti
     bars = ax.bar(x, values, width, color="tab:blue", label="this run")
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7)
     if reference:
-        ref = ax.bar(x + width, reference, width, color="white", edgecolor="gray", hatch="//",
-                     label="reference report")
+        ref = ax.bar(
+            x + width,
+            reference,
+            width,
+            color="white",
+            edgecolor="gray",
+            hatch="//",
+            label="reference report",
+        )
         ax.bar_label(ref, labels=[f"{v:.3f}" for v in reference], fontsize=7, color="gray")
         ax.legend(loc="upper center", ncol=2, fontsize=8)
     ax.set_xticks(x + (width / 2 if reference else 0), names, rotation=45, ha="right")
-    ax.set(ylabel=ylabel, title=title, ylim=(0, 1.22 if reference else 1.05),
-           yticks=np.linspace(0, 1, 6))
+    ax.set(
+        ylabel=ylabel,
+        title=title,
+        ylim=(0, 1.22 if reference else 1.05),
+        yticks=np.linspace(0, 1, 6),
+    )
     save_figure(fig, path)
 
 
@@ -104,16 +131,28 @@ def plot_confusion(matrix, names: list[str], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def plot_image_grid(images: list, titles: list[str], path: Path, cols: int, title: str,
-                    cmap: str | None = None, title_colors: list[str] | None = None,
-                    legend: list[tuple[str, tuple[int, int, int]]] | None = None,
-                    tile: float = 1.6) -> None:
+def plot_image_grid(
+    images: list,
+    titles: list[str],
+    path: Path,
+    cols: int,
+    title: str,
+    cmap: str | None = None,
+    title_colors: list[str] | None = None,
+    legend: list[tuple[str, tuple[int, int, int]]] | None = None,
+    tile: float = 1.6,
+) -> None:
     """Images in a grid of ``tile``-inch cells (None leaves a cell empty); ``legend`` adds a
     colour key (class name, RGB) right under the grid."""
     plt = _plt()
     rows = max(1, math.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(tile * cols, (tile + 0.3) * rows + 0.5),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(tile * cols, (tile + 0.3) * rows + 0.5),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax in axes.flat:
         ax.axis("off")
     for k, (img, t) in enumerate(zip(images, titles)):
@@ -122,10 +161,20 @@ def plot_image_grid(images: list, titles: list[str], path: Path, cols: int, titl
         axes.flat[k].set_title(t, fontsize=7, color=title_colors[k] if title_colors else "black")
     if legend:
         from matplotlib.patches import Patch
-        handles = [Patch(facecolor=np.array(rgb) / 255, edgecolor="gray", label=name)
-                   for name, rgb in legend]
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
-                   title="class colours", title_fontsize=9, frameon=False)
+
+        handles = [
+            Patch(facecolor=np.array(rgb) / 255, edgecolor="gray", label=name)
+            for name, rgb in legend
+        ]
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncol=len(handles),
+            fontsize=9,
+            title="class colours",
+            title_fontsize=9,
+            frameon=False,
+        )
     fig.suptitle(title)
     save_figure(fig, path)
 
@@ -157,7 +206,7 @@ def plot_filters(weight: torch.Tensor, path: Path, title: str) -> None:
 # ----------------------------------------------------------------------------- the run's outputs
 def add_training_summary(run_dir: Path, results: dict) -> dict:
     """Epochs, training time and rate from metrics.csv (absent for --eval-only folders)."""
-    rows = utils.read_csv(run_dir / "metrics.csv")
+    rows = runfiles.read_csv(run_dir / "metrics.csv")
     if rows:
         results["epochs_trained"] = rows[-1]["epoch"]
         results["train_time_s"] = sum(r["epoch_time_s"] for r in rows)
@@ -168,24 +217,37 @@ def add_training_summary(run_dir: Path, results: dict) -> dict:
 def finish_run(run_dir: Path, results: dict, page: Page, class_names: list[str], log) -> dict:
     """The one output path of both parts: results.json, training curves, confusion matrix,
     report.html, and the closing lines on the console and in log.txt."""
-    utils.write_json(run_dir / "results.json", results)
-    rows = utils.read_csv(run_dir / "metrics.csv")
+    runfiles.write_json(run_dir / "results.json", results)
+    rows = runfiles.read_csv(run_dir / "metrics.csv")
     if rows:
-        plot_curves(rows, ["train_loss", "val_loss"], run_dir / TRAINING_FIGURES[0].path, "loss",
-                    "Loss per epoch")
+        plot_curves(
+            rows,
+            ["train_loss", "val_loss"],
+            run_dir / TRAINING_FIGURES[0].path,
+            "loss",
+            "Loss per epoch",
+        )
         accuracy = [k for k in ("train_accuracy", "val_accuracy") if k in rows[0]]
-        plot_curves(rows, accuracy, run_dir / TRAINING_FIGURES[1].path, "accuracy",
-                    "Accuracy per epoch")
-    plot_confusion(results["confusion_matrix"], class_names, run_dir / CONFUSION_FIGURE.path,
-                   "Test confusion matrix (each row sums to 1)")
+        plot_curves(
+            rows, accuracy, run_dir / TRAINING_FIGURES[1].path, "accuracy", "Accuracy per epoch"
+        )
+    plot_confusion(
+        results["confusion_matrix"],
+        class_names,
+        run_dir / CONFUSION_FIGURE.path,
+        "Test confusion matrix (each row sums to 1)",
+    )
     report = write_report(run_dir, page)
     (log.info if log else print)("\n".join([*page.lines, f"Report: {report}"]))
     return results
 
 
-CONFUSION_FIGURE = Figure("figures/confusion_matrix.png", "Confusion matrix",
-                          "Row c: how the test samples (pixels in Part 2) of true class c were "
-                          "classified; the diagonal is each class's accuracy.")
+CONFUSION_FIGURE = Figure(
+    "figures/confusion_matrix.png",
+    "Confusion matrix",
+    "Row c: how the test samples (pixels in Part 2) of true class c were "
+    "classified; the diagonal is each class's accuracy.",
+)
 
 
 STYLE = """
@@ -211,23 +273,47 @@ def write_report(run_dir: Path, page: Page) -> Path:
     explanation (two to a row; wide ones across the page)."""
     compared = [list(r) for r in page.summary if r[2]]
     details = [list(r[:2]) for r in page.summary if not r[2]]
-    blocks = [[("Compared with the reference report", ["result", "this run", "reference report"],
-                compared), ("This run", [], details)], *([t] for t in page.tables)]
-    tables = "".join("<div>" + "".join(f"<h2>{html.escape(heading)}</h2>{html_table(head, rows)}"
-                                       for heading, head, rows in column if rows) + "</div>"
-                     for column in blocks)
+    blocks = [
+        [
+            (
+                "Compared with the reference report",
+                ["result", "this run", "reference report"],
+                compared,
+            ),
+            ("This run", [], details),
+        ],
+        *([t] for t in page.tables),
+    ]
+    tables = "".join(
+        "<div>"
+        + "".join(
+            f"<h2>{html.escape(heading)}</h2>{html_table(head, rows)}"
+            for heading, head, rows in column
+            if rows
+        )
+        + "</div>"
+        for column in blocks
+    )
     figures = "".join(figure_html(run_dir, f) for f in page.figures)
     out = run_dir / "report.html"
-    utils.write_text(out, html_page(page.title, [f"<div class='tables'>{tables}</div>",
-                                                 f"<div class='figures'>{figures}</div>"]))
+    runfiles.write_text(
+        out,
+        html_page(
+            page.title,
+            [f"<div class='tables'>{tables}</div>", f"<div class='figures'>{figures}</div>"],
+        ),
+    )
     return out
 
 
 def html_page(title: str, body: list[str]) -> str:
     """A self-contained HTML page in the reports' style: ``title`` as heading, then ``body``."""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
 def figure_html(folder: Path, figure: Figure, missing: str = "") -> str:
@@ -235,19 +321,25 @@ def figure_html(folder: Path, figure: Figure, missing: str = "") -> str:
     the title and ``missing`` (or nothing, without it)."""
     path, title = folder / figure.path, html.escape(figure.title)
     if not path.is_file():
-        return f"<figure class=wide><h3>{title}</h3><p>{html.escape(missing)}</p></figure>\n" \
-            if missing else ""
+        return (
+            f"<figure class=wide><h3>{title}</h3><p>{html.escape(missing)}</p></figure>\n"
+            if missing
+            else ""
+        )
     data = base64.b64encode(path.read_bytes()).decode()
-    return (f"<figure{' class=wide' if figure.wide else ''}><h3>{title}</h3>"
-            f"<p class='why'>{html.escape(figure.explanation)}</p>"
-            f"<img alt='{title}' src='data:image/png;base64,{data}'></figure>\n")
+    return (
+        f"<figure{' class=wide' if figure.wide else ''}><h3>{title}</h3>"
+        f"<p class='why'>{html.escape(figure.explanation)}</p>"
+        f"<img alt='{title}' src='data:image/png;base64,{data}'></figure>\n"
+    )
 
 
 def html_table(header: list[str], rows: list[list]) -> str:
     """Cells escaped, floats to 4 significant digits; no header row when ``header`` is empty."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
     return f"<table>{f'<tr>{head}</tr>' if header else ''}{body}</table>"
 
 

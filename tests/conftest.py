@@ -1,4 +1,6 @@
-"""Shared fixtures: repo on sys.path, real-data locations, tiny synthetic data sets, subprocess helper."""
+"""Shared fixtures: repo on sys.path, real-data locations, tiny synthetic data sets, subprocess
+helper."""
+
 from __future__ import annotations
 
 import gzip
@@ -29,7 +31,11 @@ def data_dir() -> Path:
     if os.environ.get("DATA_DIR"):
         return Path(os.environ["DATA_DIR"])
     local = REPO / "data"
-    return local if (local / "fashion-mnist").exists() or (local / "facade").exists() else REPO.parent / "shared" / "data"
+    return (
+        local
+        if (local / "fashion-mnist").exists() or (local / "facade").exists()
+        else REPO.parent / "shared" / "data"
+    )
 
 
 def _missing(msg: str):
@@ -68,7 +74,11 @@ def facade_root(data_dir) -> Path:
 def idx_bytes(array: np.ndarray) -> bytes:
     """IDX encoding of a uint8 array (magic 0x0000080N, big-endian dims, raw bytes)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    return (
+        bytes([0, 0, 8, array.ndim])
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.tobytes()
+    )
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
@@ -78,15 +88,17 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
 
 
 def fashion_labels(n: int) -> np.ndarray:
-    """The labels make_fashion_set writes: 0, 1, ..., 9, 0, 1, ... (every prefix of 10k images is balanced)."""
+    """The labels make_fashion_set writes: 0, 1, ..., 9, 0, 1, ... (every prefix of 10k images is
+    balanced)."""
     return (np.arange(n) % len(datasets.FASHION_CLASSES)).astype(np.uint8)
 
 
-def make_fashion_set(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0,
-                     learnable: bool = False) -> Path:
-    """A Fashion-MNIST-shaped folder with the four IDX files (gzipped): uint8 (n, 28, 28) noise images,
-    labels ``fashion_labels(n)``. ``learnable``: each image also gets a bright 4-row band whose
-    position depends on its class, so a network learns something in a few steps."""
+def make_fashion_set(
+    root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0, learnable: bool = False
+) -> Path:
+    """A Fashion-MNIST-shaped folder with the four IDX files (gzipped): uint8 (n, 28, 28) noise
+    images, labels ``fashion_labels(n)``. ``learnable``: each image also gets a bright 4-row band
+    whose position depends on its class, so a network learns something in a few steps."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
@@ -110,7 +122,9 @@ def make_fashion_root():
 
 @dataclass(frozen=True)
 class FashionData:
-    """Where the Part 1 end-to-end tests read Fashion-MNIST: the real set, else a synthetic stand-in."""
+    """Where the Part 1 end-to-end tests read Fashion-MNIST: the real set, else a synthetic
+    stand-in."""
+
     root: Path
     real: bool
     test_counts: tuple[int, ...]  # test images per class, in class order
@@ -120,7 +134,9 @@ class FashionData:
         return sum(self.test_counts)
 
 
-REAL_FASHION_TEST_COUNTS = (1000,) * len(datasets.FASHION_CLASSES)  # the real t10k set (test_idx checks it)
+REAL_FASHION_TEST_COUNTS = (1000,) * len(
+    datasets.FASHION_CLASSES
+)  # the real t10k set (test_idx checks it)
 SYNTHETIC_FASHION = {"n_train": 2000, "n_test": 1000}
 
 
@@ -132,8 +148,12 @@ def fashion_data(data_dir, tmp_path_factory) -> FashionData:
     root = data_dir / "fashion-mnist"
     if not _fashion_missing(root):
         return FashionData(root, True, REAL_FASHION_TEST_COUNTS)
-    root = make_fashion_set(tmp_path_factory.mktemp("fashion_syn"), **SYNTHETIC_FASHION, learnable=True)
-    counts = np.bincount(fashion_labels(SYNTHETIC_FASHION["n_test"]), minlength=len(datasets.FASHION_CLASSES))
+    root = make_fashion_set(
+        tmp_path_factory.mktemp("fashion_syn"), **SYNTHETIC_FASHION, learnable=True
+    )
+    counts = np.bincount(
+        fashion_labels(SYNTHETIC_FASHION["n_test"]), minlength=len(datasets.FASHION_CLASSES)
+    )
     return FashionData(root, False, tuple(int(c) for c in counts))
 
 
@@ -142,32 +162,37 @@ CLASS_RGB = np.array(datasets.FACADE_PALETTE, dtype=np.float64)
 
 
 def synthetic_facade_pair(rng: np.random.Generator, size: int | tuple[int, int] = 32):
-    """(rgb uint8 (H,W,3), label uint8 (H,W)) with every class present as rectangles, image coloured by class."""
+    """(rgb uint8 (H,W,3), label uint8 (H,W)) with every class present as rectangles, image
+    coloured by class."""
     h, w = (size, size) if isinstance(size, int) else size
-    label = np.zeros((h, w), np.uint8)                      # 0 others (border)
-    t, l = rng.integers(1, 4, 2)
-    label[t:h - 1, l:w - 1] = 1                             # 1 facade
-    pc = int(rng.integers(l + 1, w // 4 + 2))
-    label[t:h - 1, pc:pc + max(2, w // 10)] = 2             # 2 pillar (vertical strip)
-    for k in range(2):                                      # 3 windows
-        r0 = int(rng.integers(t + 1, h // 2 - 2)) if k == 0 else int(rng.integers(h // 2, h - 6))
+    label = np.zeros((h, w), np.uint8)  # 0 others (border)
+    top, left = rng.integers(1, 4, 2)
+    label[top : h - 1, left : w - 1] = 1  # 1 facade
+    pc = int(rng.integers(left + 1, w // 4 + 2))
+    label[top : h - 1, pc : pc + max(2, w // 10)] = 2  # 2 pillar (vertical strip)
+    for k in range(2):  # 3 windows
+        r0 = int(rng.integers(top + 1, h // 2 - 2)) if k == 0 else int(rng.integers(h // 2, h - 6))
         c0 = int(rng.integers(w // 2, w - 8))
-        label[r0:r0 + max(3, h // 8), c0:c0 + max(3, w // 8)] = 3
+        label[r0 : r0 + max(3, h // 8), c0 : c0 + max(3, w // 8)] = 3
     b0 = int(rng.integers(h - 5, h - 3))
-    label[b0:b0 + 2, w // 3: w - 3] = 4                     # 4 balcony (horizontal bar)
+    label[b0 : b0 + 2, w // 3 : w - 3] = 4  # 4 balcony (horizontal bar)
     rgb = CLASS_RGB[label] * 0.8 + 25 + rng.normal(0, 8, (h, w, 3))
     return np.clip(rgb, 0, 255).astype(np.uint8), label
 
 
 def save_label_png(path: Path, label: np.ndarray) -> None:
     from PIL import Image
-    im = Image.frombytes("P", (label.shape[1], label.shape[0]), np.ascontiguousarray(label, np.uint8).tobytes())
+
+    im = Image.frombytes(
+        "P", (label.shape[1], label.shape[0]), np.ascontiguousarray(label, np.uint8).tobytes()
+    )
     im.putpalette([v for rgb in datasets.FACADE_PALETTE for v in rgb])
     im.save(path, format="PNG")
 
 
 def make_facade_set(root: Path, n_train: int = 12, n_test: int = 4, size=32, seed: int = 0) -> Path:
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     for folder, n in (("train", n_train), ("test_dev", n_test)):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -187,7 +212,8 @@ def make_facade():
 
 @pytest.fixture
 def synthetic_facade(tmp_path) -> Path:
-    """A fresh tiny facade set (train/ 12 pairs, test_dev/ 4 pairs, 32x32) that a test may damage."""
+    """A fresh tiny facade set (train/ 12 pairs, test_dev/ 4 pairs, 32x32) that a test may
+    damage."""
     return make_facade_set(tmp_path / "facade_syn")
 
 
@@ -201,10 +227,14 @@ def synthetic_facade_ro(tmp_path_factory) -> Path:
 def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a repository script with this interpreter, cwd = repo, 2 threads."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, code: int = 2, mentions: str | None = None) -> str:
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess, code: int = 2, mentions: str | None = None
+) -> str:
     """Exit ``code``, stderr is exactly one line starting with 'error:', no traceback anywhere."""
     report = f"rc={proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, report

@@ -1,5 +1,6 @@
 """Command-line error behaviour, run as real subprocesses: exit 2, one 'error:' line, no traceback,
 and (Part 2) no run folder left behind."""
+
 from __future__ import annotations
 
 import gzip
@@ -12,12 +13,16 @@ from PIL import Image
 import datasets
 from conftest import assert_one_line_error, run_script, save_label_png, write_idx
 
-no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: --device cuda is valid")
+no_cuda = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CUDA is available here: --device cuda is valid"
+)
 
 
 # ----------------------------------------------------------------------------- Part 1
 def _part1(*args, tmp_path):
-    return run_script("part1_classify.py", *args, "--output-dir", str(tmp_path / "run"), "--no-progress")
+    return run_script(
+        "part1_classify.py", *args, "--output-dir", str(tmp_path / "run"), "--no-progress"
+    )
 
 
 def test_part1_missing_data_root(tmp_path):
@@ -54,7 +59,9 @@ def _damage(root, how):
 
 
 # (wrong_size / count_mismatch are covered in-process by test_idx.py; each subprocess costs ~2 s)
-@pytest.mark.parametrize("how", ["truncated_gzip", "bad_magic", "label_out_of_range", "corrupt_deflate"])
+@pytest.mark.parametrize(
+    "how", ["truncated_gzip", "bad_magic", "label_out_of_range", "corrupt_deflate"]
+)
 def test_part1_corrupt_data_root(tmp_path, make_fashion_root, how):
     root = make_fashion_root(tmp_path / "fm")
     bad_file = _damage(root, how)
@@ -75,16 +82,28 @@ def test_part1_bad_checkpoint(tmp_path, make_fashion_root):
     garbage.write_bytes(b"not a checkpoint at all")
     proc = _part1("--data-root", str(root), "--eval-only", str(garbage), tmp_path=tmp_path)
     assert_one_line_error(proc, mentions="garbage.pt")
-    proc = _part1("--data-root", str(root), "--resume", str(tmp_path / "missing.pt"), tmp_path=tmp_path)
+    proc = _part1(
+        "--data-root", str(root), "--resume", str(tmp_path / "missing.pt"), tmp_path=tmp_path
+    )
     assert_one_line_error(proc, mentions="missing.pt")
 
 
 def test_part1_rejects_segmentation_checkpoint(tmp_path, make_fashion_root):
-    """A Part 2 checkpoint given to Part 1 must be a one-line user error, not a KeyError traceback."""
+    """A Part 2 checkpoint given to Part 1 must be a one-line user error, not a KeyError
+    traceback."""
     root = make_fashion_root(tmp_path / "fm")
     ckpt = tmp_path / "seg.pt"
-    torch.save({"model": {}, "model_name": "facade_fcn", "model_kwargs": {"num_classes": 5},
-                "task": "segmentation", "epoch": 1, "normalization": {"mean": [0.5] * 3, "std": [0.2] * 3}}, ckpt)
+    torch.save(
+        {
+            "model": {},
+            "model_name": "facade_fcn",
+            "model_kwargs": {"num_classes": 5},
+            "task": "segmentation",
+            "epoch": 1,
+            "normalization": {"mean": [0.5] * 3, "std": [0.2] * 3},
+        },
+        ckpt,
+    )
     proc = _part1("--data-root", str(root), "--eval-only", str(ckpt), tmp_path=tmp_path)
     assert_one_line_error(proc)
 
@@ -98,14 +117,34 @@ def test_part1_report_only_not_a_run(tmp_path):
 # ----------------------------------------------------------------------------- Part 2
 def _part2(data, tmp_path, *extra):
     run_dir = tmp_path / "run"
-    proc = run_script("part2_segment.py", "--data", str(data), "--train-range", "0", "9", "--val-range", "10", "11",
-                      "--test-range", "0", "3", "--epochs", "1", "--output-dir", str(run_dir), "--no-progress", *extra)
+    proc = run_script(
+        "part2_segment.py",
+        "--data",
+        str(data),
+        "--train-range",
+        "0",
+        "9",
+        "--val-range",
+        "10",
+        "11",
+        "--test-range",
+        "0",
+        "3",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(run_dir),
+        "--no-progress",
+        *extra,
+    )
     return proc, run_dir
 
 
 def _check_part2_error(proc, run_dir, mentions=None):
     line = assert_one_line_error(proc, mentions=mentions)
-    assert not run_dir.exists(), f"bad data left a run folder behind: {sorted(p.name for p in run_dir.iterdir())}"
+    assert not run_dir.exists(), (
+        f"bad data left a run folder behind: {sorted(p.name for p in run_dir.iterdir())}"
+    )
     return line
 
 
@@ -122,7 +161,9 @@ def test_part2_missing_file_in_range(tmp_path, synthetic_facade):
 
 
 def test_part2_range_past_the_end(tmp_path, synthetic_facade):
-    proc, run_dir = _part2(synthetic_facade, tmp_path, "--test-range", "0", "4")  # test_dev has 0..3
+    proc, run_dir = _part2(
+        synthetic_facade, tmp_path, "--test-range", "0", "4"
+    )  # test_dev has 0..3
     _check_part2_error(proc, run_dir, mentions="eecs442_0004")
 
 
@@ -164,8 +205,9 @@ def test_part2_truncated_jpg(tmp_path, synthetic_facade):
 
 
 def test_part2_size_not_divisible_for_model(tmp_path, make_facade):
-    """40x40 images cannot go through a depth-4 U-Net (needs multiples of 16): a one-line error naming 16,
-    and, as for any bad data, the size check comes before the run folder is created, so none is left."""
+    """40x40 images cannot go through a depth-4 U-Net (needs multiples of 16): a one-line error
+    naming 16, and, as for any bad data, the size check comes before the run folder is created, so
+    none is left."""
     data = make_facade(tmp_path / "syn40", size=40)
     proc, run_dir = _part2(data, tmp_path, "--model", "unet", "--width", "4", "--crop", "32")
     _check_part2_error(proc, run_dir, mentions="16")
@@ -178,10 +220,20 @@ def test_part2_device_cuda_without_cuda(tmp_path, synthetic_facade):
 
 
 def test_part2_rejects_classification_checkpoint(tmp_path, synthetic_facade):
-    """A Part 1 checkpoint given to Part 2 must be a one-line user error, not a KeyError traceback."""
+    """A Part 1 checkpoint given to Part 2 must be a one-line user error, not a KeyError
+    traceback."""
     ckpt = tmp_path / "cls.pt"
-    torch.save({"model": {}, "model_name": "sigmoid_cnn", "model_kwargs": {"num_classes": 10},
-                "task": "classification", "epoch": 1, "normalization": {"mean": [0.3], "std": [0.3]}}, ckpt)
+    torch.save(
+        {
+            "model": {},
+            "model_name": "sigmoid_cnn",
+            "model_kwargs": {"num_classes": 10},
+            "task": "classification",
+            "epoch": 1,
+            "normalization": {"mean": [0.3], "std": [0.3]},
+        },
+        ckpt,
+    )
     proc, run_dir = _part2(synthetic_facade, tmp_path, "--eval-only", str(ckpt))
     _check_part2_error(proc, run_dir)
 
@@ -189,7 +241,14 @@ def test_part2_rejects_classification_checkpoint(tmp_path, synthetic_facade):
 def test_predict_bad_checkpoint(tmp_path):
     img = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(img)
-    proc = run_script("part2_segment.py", "predict", "--checkpoint", str(tmp_path / "missing.pt"), str(img),
-                      "--output-dir", str(tmp_path / "out"))
+    proc = run_script(
+        "part2_segment.py",
+        "predict",
+        "--checkpoint",
+        str(tmp_path / "missing.pt"),
+        str(img),
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
     assert_one_line_error(proc, mentions="missing.pt")
     assert not (tmp_path / "out").exists()

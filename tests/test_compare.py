@@ -1,5 +1,6 @@
 """compare.py on hand-made run folders with known numbers: grouping by seed, mean ± sample std,
 compare.json / compare.html / PNG output, and the one-line errors (exit 2, nothing written)."""
+
 from __future__ import annotations
 
 import base64
@@ -15,23 +16,59 @@ import compare
 
 CLASSES_P1 = ["T-shirt/top", "Trouser", "Pullover"]
 CLASSES_P2 = ["others", "facade", "window"]
-CURVE_HEADER = ["epoch", "lr", "train_loss", "val_loss", "train_accuracy", "val_accuracy",
-                "epoch_time_s", "train_images_per_s"]
+CURVE_HEADER = [
+    "epoch",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "train_accuracy",
+    "val_accuracy",
+    "epoch_time_s",
+    "train_images_per_s",
+]
 
 
 # ----------------------------------------------------------------------------- fixtures
-def make_run(folder: Path, *, task: str = "classification", seed: int = 0, headline: float = 0.9,
-             per_class: list[float] | None = None, finished: bool = True,
-             header: list[str] | None = None, epochs: int = 3, **recipe) -> Path:
+def make_run(
+    folder: Path,
+    *,
+    task: str = "classification",
+    seed: int = 0,
+    headline: float = 0.9,
+    per_class: list[float] | None = None,
+    finished: bool = True,
+    header: list[str] | None = None,
+    epochs: int = 3,
+    **recipe,
+) -> Path:
     """A run folder as the scripts write it: args.json, metrics.csv and (if finished)
     results.json, with the given recipe arguments and known numbers."""
     folder.mkdir(parents=True)
-    args = {"model": "sigmoid_cnn", "epochs": epochs, "lr": 0.01, "batch_size": 500,
-            "amp": False, "channels_last": False, "seed": seed, "output_dir": str(folder),
-            "resume": None, "eval_only": None, "device": "auto", "threads": None,
-            "no_progress": True, "time_limit": None,
-            "environment": {"argv": ["x.py"], "python": "3.11", "torch": "2", "device": "cpu",
-                            "world_size": 1, "threads": 2, "amp": None}}
+    args = {
+        "model": "sigmoid_cnn",
+        "epochs": epochs,
+        "lr": 0.01,
+        "batch_size": 500,
+        "amp": False,
+        "channels_last": False,
+        "seed": seed,
+        "output_dir": str(folder),
+        "resume": None,
+        "eval_only": None,
+        "device": "auto",
+        "threads": None,
+        "no_progress": True,
+        "time_limit": None,
+        "environment": {
+            "argv": ["x.py"],
+            "python": "3.11",
+            "torch": "2",
+            "device": "cpu",
+            "world_size": 1,
+            "threads": 2,
+            "amp": None,
+        },
+    }
     args.update(recipe)
     (folder / "args.json").write_text(json.dumps(args))
     header = header or CURVE_HEADER
@@ -40,21 +77,46 @@ def make_run(folder: Path, *, task: str = "classification", seed: int = 0, headl
         writer.writeheader()
         for epoch in range(1, epochs + 1):
             loss = 1.0 / epoch + 0.01 * seed
-            writer.writerow({"epoch": epoch, "lr": 0.01, "train_loss": loss, "val_loss": loss + 0.1,
-                             "train_accuracy": 1 - loss / 2, "val_accuracy": 1 - loss / 2 - 0.05,
-                             "epoch_time_s": 1.0, "train_images_per_s": 100.0})
+            writer.writerow(
+                {
+                    "epoch": epoch,
+                    "lr": 0.01,
+                    "train_loss": loss,
+                    "val_loss": loss + 0.1,
+                    "train_accuracy": 1 - loss / 2,
+                    "val_accuracy": 1 - loss / 2 - 0.05,
+                    "epoch_time_s": 1.0,
+                    "train_images_per_s": 100.0,
+                }
+            )
     if finished:
         names = CLASSES_P1 if task == "classification" else CLASSES_P2
         values = dict(zip(names, per_class or [headline] * len(names)))
-        common = {"model": args["model"], "epochs_trained": epochs,
-                  "train_time_s": 60.0 * (seed + 1), "train_images_per_s": 1000.0 + seed,
-                  "test_loss": 0.3, "some_future_key": {"x": 1}}
+        common = {
+            "model": args["model"],
+            "epochs_trained": epochs,
+            "train_time_s": 60.0 * (seed + 1),
+            "train_images_per_s": 1000.0 + seed,
+            "test_loss": 0.3,
+            "some_future_key": {"x": 1},
+        }
         if task == "classification":
-            results = {"test_accuracy": headline, "mean_per_class_accuracy": headline,
-                       "per_class_accuracy": values, **common}
+            results = {
+                "test_accuracy": headline,
+                "mean_per_class_accuracy": headline,
+                "per_class_accuracy": values,
+                **common,
+            }
         else:
-            results = {"mean_ap": headline, "ap": values, "mean_ap_softmax": headline,
-                       "miou": 0.5, "pixel_accuracy": 0.8, "gflops_per_image": 1.0, **common}
+            results = {
+                "mean_ap": headline,
+                "ap": values,
+                "mean_ap_softmax": headline,
+                "miou": 0.5,
+                "pixel_accuracy": 0.8,
+                "gflops_per_image": 1.0,
+                **common,
+            }
         (folder / "results.json").write_text(json.dumps(results))
     return folder
 
@@ -80,12 +142,26 @@ def assert_one_line_error(capsys, mentions: str | None = None) -> str:
 def two_recipes(tmp_path) -> tuple[list[Path], dict[str, list[float]]]:
     """3 seeds of sigmoid_cnn lr=0.01 and 2 seeds of fashion_net lr=0.002."""
     scores = {"sigmoid": [0.90, 0.91, 0.93], "fashion": [0.94, 0.95]}
-    runs = [make_run(tmp_path / "runs" / "sigmoid" / f"seed{s}", seed=s, headline=acc,
-                     per_class=[acc - 0.1, acc, acc + 0.01 * s])
-            for s, acc in enumerate(scores["sigmoid"])]
-    runs += [make_run(tmp_path / "runs" / "fashion" / f"seed{s}", seed=s, headline=acc,
-                      model="fashion_net", lr=0.002, epochs=4)
-             for s, acc in enumerate(scores["fashion"])]
+    runs = [
+        make_run(
+            tmp_path / "runs" / "sigmoid" / f"seed{s}",
+            seed=s,
+            headline=acc,
+            per_class=[acc - 0.1, acc, acc + 0.01 * s],
+        )
+        for s, acc in enumerate(scores["sigmoid"])
+    ]
+    runs += [
+        make_run(
+            tmp_path / "runs" / "fashion" / f"seed{s}",
+            seed=s,
+            headline=acc,
+            model="fashion_net",
+            lr=0.002,
+            epochs=4,
+        )
+        for s, acc in enumerate(scores["fashion"])
+    ]
     return runs, scores
 
 
@@ -115,15 +191,20 @@ def test_groups_by_seed_with_numpy_mean_and_sample_std(two_recipes, tmp_path, ca
 
     # per run: unique names (both recipes have a seed0), group, seed, headline
     by_name = {r["name"]: r for r in summary["runs"]}
-    assert set(by_name) == {f"{k}/seed{s}" for k, n in (("sigmoid", 3), ("fashion", 2))
-                            for s in range(n)}
+    assert set(by_name) == {
+        f"{k}/seed{s}" for k, n in (("sigmoid", 3), ("fashion", 2)) for s in range(n)
+    }
     assert by_name["fashion/seed1"]["headline"] == 0.95
     assert by_name["fashion/seed1"]["group"] == fashion["label"]
     assert by_name["sigmoid/seed2"]["metrics"]["epochs"] == 3
 
     # files: the PNGs, embedded in a self-contained html that names every run; no temp files
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy_curves.png", "compare.html", "compare.json", "loss_curves.png"]
+        "accuracy_curves.png",
+        "compare.html",
+        "compare.json",
+        "loss_curves.png",
+    ]
     page = (out / "compare.html").read_text()
     for png in ("loss_curves.png", "accuracy_curves.png"):
         data = (out / png).read_bytes()
@@ -153,7 +234,11 @@ def test_single_run_shows_value_without_std(tmp_path, capsys):
     assert run_cli([str(run), "--output-dir", str(tmp_path / "out")]) == 0
     group = json.loads((tmp_path / "out" / "compare.json").read_text())["groups"][0]
     assert group["metrics"]["test_accuracy"] == {
-        "mean": 0.875, "std": None, "n": 1, "values": [0.875]}
+        "mean": 0.875,
+        "std": None,
+        "n": 1,
+        "values": [0.875],
+    }
     line = capsys.readouterr().out.splitlines()[1]
     assert line.rstrip().endswith("0.8750") and "±" not in line
 
@@ -161,9 +246,19 @@ def test_single_run_shows_value_without_std(tmp_path, capsys):
 def test_part2_folders_use_mean_ap_and_tolerate_missing_accuracy(tmp_path):
     header = ["epoch", "lr", "train_loss", "val_loss"]  # no accuracy columns
     aps = {"0.001": [0.50, 0.54], "0.002": [0.60, 0.61, 0.65]}
-    runs = [make_run(tmp_path / f"lr{lr}_s{s}", task="segmentation", seed=s, headline=ap,
-                     model="unet", lr=float(lr), header=header)
-            for lr, values in aps.items() for s, ap in enumerate(values)]
+    runs = [
+        make_run(
+            tmp_path / f"lr{lr}_s{s}",
+            task="segmentation",
+            seed=s,
+            headline=ap,
+            model="unet",
+            lr=float(lr),
+            header=header,
+        )
+        for lr, values in aps.items()
+        for s, ap in enumerate(values)
+    ]
     # a newer folder that names its task explicitly still groups with the others
     results = json.loads((runs[0] / "results.json").read_text())
     (runs[0] / "results.json").write_text(json.dumps({**results, "task": "segmentation"}))
@@ -199,20 +294,41 @@ def test_default_output_dir_is_new_and_never_reused(tmp_path, monkeypatch, capsy
 # ----------------------------------------------------------------------------- grouping rules
 def test_bookkeeping_args_do_not_split_a_group_but_numerics_do(tmp_path):
     base = make_run(tmp_path / "a", seed=0, finished=True)
-    same = make_run(tmp_path / "b", seed=7, device="cuda", threads=4, time_limit=2.0,
-                    compile=True, resume="x.pt", stop_after_epochs=2,
-                    environment={"device": "cuda:0", "world_size": 1, "gpu": "H100"})
+    same = make_run(
+        tmp_path / "b",
+        seed=7,
+        device="cuda",
+        threads=4,
+        time_limit=2.0,
+        compile=True,
+        resume="x.pt",
+        stop_after_epochs=2,
+        environment={"device": "cuda:0", "world_size": 1, "gpu": "H100"},
+    )
     amp = make_run(tmp_path / "c", amp=True)
     ddp = make_run(tmp_path / "d", environment={"device": "cuda:0", "world_size": 2})
     groups = compare.group_runs(compare.load_runs([base, same, amp, ddp]))
     assert [len(g.runs) for g in groups] == [2, 1, 1]
-    assert [g.label for g in groups] == ["amp=False world_size=1", "amp=True world_size=1",
-                                         "amp=False world_size=2"]
+    assert [g.label for g in groups] == [
+        "amp=False world_size=1",
+        "amp=True world_size=1",
+        "amp=False world_size=2",
+    ]
 
 
 def test_long_labels_are_cut_and_stay_unique(tmp_path):
-    recipes = [{"model": "m", "optimizer": f"opt{i}", "schedule": f"s{i}", "loss": f"l{i}",
-                "augment": "a", "weight_decay": 0.1 * i, "warmup_epochs": i} for i in range(2)]
+    recipes = [
+        {
+            "model": "m",
+            "optimizer": f"opt{i}",
+            "schedule": f"s{i}",
+            "loss": f"l{i}",
+            "augment": "a",
+            "weight_decay": 0.1 * i,
+            "warmup_epochs": i,
+        }
+        for i in range(2)
+    ]
     runs = [make_run(tmp_path / f"r{i}", **r) for i, r in enumerate(recipes)]
     labels = [g.label for g in compare.group_runs(compare.load_runs(runs))]
     assert len(set(labels)) == 2
@@ -251,8 +367,9 @@ def test_unfinished_run_is_refused(tmp_path, capsys):
 
 def test_missing_folder_is_refused(tmp_path, capsys):
     done = make_run(tmp_path / "done")
-    assert run_cli([str(done), str(tmp_path / "absent"), "--output-dir",
-                    str(tmp_path / "out")]) == 2
+    assert (
+        run_cli([str(done), str(tmp_path / "absent"), "--output-dir", str(tmp_path / "out")]) == 2
+    )
     assert_one_line_error(capsys, mentions=str(tmp_path / "absent"))
     assert not (tmp_path / "out").exists()
 

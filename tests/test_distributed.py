@@ -1,4 +1,5 @@
 """torchrun (2 gloo processes on the CPU) against one process, and bf16 AMP on the CPU."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,20 +10,27 @@ import torch
 
 import part1_classify
 import part2_segment
-import utils
+import runfiles
 from conftest import REPO
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def torchrun(script: str, *args: str) -> None:
-    proc = subprocess.run([*TORCHRUN, script, *args, "--threads", "1", "--no-progress"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*TORCHRUN, script, *args, "--threads", "1", "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def part1(*args: str) -> dict:
-    return part1_classify.main(part1_classify.get_args_parser().parse_args([*args, "--no-progress"]))
+    return part1_classify.main(
+        part1_classify.get_args_parser().parse_args([*args, "--no-progress"])
+    )
 
 
 def part2(*args: str) -> dict:
@@ -40,7 +48,16 @@ def assert_rows_close(rows_a, rows_b, keys, tol):
 def part1_runs(fashion_root, tmp_path_factory):
     """The same training as 2 processes x batch 100 and as 1 process x batch 200."""
     base = tmp_path_factory.mktemp("ddp1")
-    common = ["--data-root", str(fashion_root), "--train-limit", "1000", "--epochs", "2", "--eval-batch-size", "300"]
+    common = [
+        "--data-root",
+        str(fashion_root),
+        "--train-limit",
+        "1000",
+        "--epochs",
+        "2",
+        "--eval-batch-size",
+        "300",
+    ]
     torchrun("part1_classify.py", *common, "--batch-size", "100", "--output-dir", str(base / "ddp"))
     part1(*common, "--batch-size", "200", "--output-dir", str(base / "single"), "--threads", "2")
     return base, common
@@ -48,78 +65,199 @@ def part1_runs(fashion_root, tmp_path_factory):
 
 def test_part1_ddp_training_matches_single_process(part1_runs):
     base, _ = part1_runs
-    ddp, single = utils.read_csv(base / "ddp" / "metrics.csv"), utils.read_csv(base / "single" / "metrics.csv")
+    ddp, single = (
+        runfiles.read_csv(base / "ddp" / "metrics.csv"),
+        runfiles.read_csv(base / "single" / "metrics.csv"),
+    )
     assert_rows_close(ddp, single, ["train_loss", "val_loss", "lr"], 1e-4)
-    assert_rows_close(ddp, single, ["train_accuracy", "val_accuracy"], 2e-3)  # a sample may flip at a tie
+    assert_rows_close(
+        ddp, single, ["train_accuracy", "val_accuracy"], 2e-3
+    )  # a sample may flip at a tie
     assert "global batch 200" in (base / "ddp" / "log.txt").read_text()
 
 
 def test_part1_ddp_evaluation_equals_single_process(part1_runs, tmp_path):
     base, common = part1_runs
-    ddp = utils.read_json(base / "ddp" / "results.json")
-    single_eval = part1(*common, "--eval-only", str(base / "ddp" / "checkpoints" / "best.pt"), "--output-dir", str(tmp_path))
+    ddp = runfiles.read_json(base / "ddp" / "results.json")
+    single_eval = part1(
+        *common,
+        "--eval-only",
+        str(base / "ddp" / "checkpoints" / "best.pt"),
+        "--output-dir",
+        str(tmp_path),
+    )
     assert ddp["confusion_matrix"] == single_eval["confusion_matrix"]
-    assert sum(map(sum, ddp["confusion_matrix"])) == 10000  # every test image once, no sampler padding
+    assert (
+        sum(map(sum, ddp["confusion_matrix"])) == 10000
+    )  # every test image once, no sampler padding
     assert ddp["test_accuracy"] == single_eval["test_accuracy"]
 
 
 def test_part1_resume_under_torchrun(part1_runs, tmp_path):
     base, common = part1_runs
     run = tmp_path / "resumed"
-    torchrun("part1_classify.py", *common, "--batch-size", "100", "--output-dir", str(run), "--stop-after-epochs", "1")
-    assert len(utils.read_csv(run / "metrics.csv")) == 1
-    torchrun("part1_classify.py", *common, "--batch-size", "100", "--resume", str(run / "checkpoints" / "last.pt"))
-    resumed, straight = utils.read_csv(run / "metrics.csv"), utils.read_csv(base / "ddp" / "metrics.csv")
-    assert_rows_close(resumed, straight, ["train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr"], 1e-9)
-    assert utils.read_json(run / "results.json")["test_accuracy"] == utils.read_json(base / "ddp" / "results.json")["test_accuracy"]
+    torchrun(
+        "part1_classify.py",
+        *common,
+        "--batch-size",
+        "100",
+        "--output-dir",
+        str(run),
+        "--stop-after-epochs",
+        "1",
+    )
+    assert len(runfiles.read_csv(run / "metrics.csv")) == 1
+    torchrun(
+        "part1_classify.py",
+        *common,
+        "--batch-size",
+        "100",
+        "--resume",
+        str(run / "checkpoints" / "last.pt"),
+    )
+    resumed, straight = (
+        runfiles.read_csv(run / "metrics.csv"),
+        runfiles.read_csv(base / "ddp" / "metrics.csv"),
+    )
+    assert_rows_close(
+        resumed, straight, ["train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr"], 1e-9
+    )
+    assert (
+        runfiles.read_json(run / "results.json")["test_accuracy"]
+        == runfiles.read_json(base / "ddp" / "results.json")["test_accuracy"]
+    )
 
 
 def test_part2_ddp_matches_single_process(synthetic_facade, tmp_path):
-    common = ["--data", str(synthetic_facade), "--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "0", "2",
-              "--epochs", "2", "--eval-batch-size", "2"]
-    torchrun("part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "ddp"))
+    common = [
+        "--data",
+        str(synthetic_facade),
+        "--train-range",
+        "0",
+        "7",
+        "--val-range",
+        "8",
+        "10",
+        "--test-range",
+        "0",
+        "2",
+        "--epochs",
+        "2",
+        "--eval-batch-size",
+        "2",
+    ]
+    torchrun(
+        "part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "ddp")
+    )
     part2(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "single"), "--threads", "2")
-    ddp_rows, single_rows = utils.read_csv(tmp_path / "ddp" / "metrics.csv"), utils.read_csv(tmp_path / "single" / "metrics.csv")
+    ddp_rows, single_rows = (
+        runfiles.read_csv(tmp_path / "ddp" / "metrics.csv"),
+        runfiles.read_csv(tmp_path / "single" / "metrics.csv"),
+    )
     assert_rows_close(ddp_rows, single_rows, ["train_loss", "val_loss"], 1e-4)
-    ddp = utils.read_json(tmp_path / "ddp" / "results.json")
-    again = part2(*common, "--eval-only", str(tmp_path / "ddp" / "checkpoints" / "best.pt"), "--output-dir", str(tmp_path / "eval"))
+    ddp = runfiles.read_json(tmp_path / "ddp" / "results.json")
+    again = part2(
+        *common,
+        "--eval-only",
+        str(tmp_path / "ddp" / "checkpoints" / "best.pt"),
+        "--output-dir",
+        str(tmp_path / "eval"),
+    )
     assert ddp["confusion_matrix"] == again["confusion_matrix"]
-    assert list(ddp["ap"].values()) == pytest.approx(list(again["ap"].values()), abs=1e-6, nan_ok=True)
+    assert list(ddp["ap"].values()) == pytest.approx(
+        list(again["ap"].values()), abs=1e-6, nan_ok=True
+    )
     assert ddp["mean_ap"] == pytest.approx(again["mean_ap"], abs=1e-6)
 
 
 def test_bf16_amp_on_cpu(fashion_root, synthetic_facade, tmp_path):
-    r1 = part1("--data-root", str(fashion_root), "--train-limit", "1000", "--epochs", "1", "--amp", "--channels-last",
-               "--output-dir", str(tmp_path / "p1"))
+    r1 = part1(
+        "--data-root",
+        str(fashion_root),
+        "--train-limit",
+        "1000",
+        "--epochs",
+        "1",
+        "--amp",
+        "--channels-last",
+        "--output-dir",
+        str(tmp_path / "p1"),
+    )
     assert 0.05 < r1["test_accuracy"] <= 1
     ckpt = torch.load(tmp_path / "p1" / "checkpoints" / "last.pt", weights_only=False)
     assert "scaler" in ckpt and ckpt["args"]["amp"] and ckpt["args"]["amp_dtype"] == "bf16"
-    rows = utils.read_csv(tmp_path / "p1" / "metrics.csv")
+    rows = runfiles.read_csv(tmp_path / "p1" / "metrics.csv")
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
-    r2 = part2("--data", str(synthetic_facade), "--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "0", "2",
-               "--epochs", "1", "--batch-size", "4", "--amp", "--output-dir", str(tmp_path / "p2"))
+    r2 = part2(
+        "--data",
+        str(synthetic_facade),
+        "--train-range",
+        "0",
+        "7",
+        "--val-range",
+        "8",
+        "10",
+        "--test-range",
+        "0",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--amp",
+        "--output-dir",
+        str(tmp_path / "p2"),
+    )
     assert 0 < r2["mean_ap"] <= 1
 
 
 def test_fp16_needs_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the check is for CPU-only machines")
-    proc = subprocess.run([sys.executable, "part1_classify.py", "--amp", "--amp-dtype", "fp16", "--device", "cpu",
-                           "--output-dir", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "fp16" in proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "part1_classify.py",
+            "--amp",
+            "--amp-dtype",
+            "fp16",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path / "x"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "fp16" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
 
 
 def torchrun_proc(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, script, *args, "--threads", "1", "--no-progress"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [*TORCHRUN, script, *args, "--threads", "1", "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_user_error_on_one_rank_ends_every_rank(tmp_path):
     """Rank 0 alone looks for the data (the other rank waits at a barrier): its one-line error
     must end the whole job, with the error's exit code, instead of leaving rank 1 hanging."""
-    proc = torchrun_proc("part1_classify.py", "--data-root", str(tmp_path / "absent"),
-                         "--no-download", "--output-dir", str(tmp_path / "run"))
+    proc = torchrun_proc(
+        "part1_classify.py",
+        "--data-root",
+        str(tmp_path / "absent"),
+        "--no-download",
+        "--output-dir",
+        str(tmp_path / "run"),
+    )
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "Fashion-MNIST not found" in ours[0], proc.stderr[-3000:]
@@ -128,8 +266,17 @@ def test_user_error_on_one_rank_ends_every_rank(tmp_path):
 
 def test_sync_bn_on_cpu_is_a_clear_error(make_fashion_root, tmp_path):
     root = make_fashion_root(tmp_path / "fm")
-    proc = torchrun_proc("part1_classify.py", "--data-root", str(root), "--no-download",
-                         "--model", "fashion_net", "--sync-bn", "--output-dir", str(tmp_path / "r"))
+    proc = torchrun_proc(
+        "part1_classify.py",
+        "--data-root",
+        str(root),
+        "--no-download",
+        "--model",
+        "fashion_net",
+        "--sync-bn",
+        "--output-dir",
+        str(tmp_path / "r"),
+    )
     assert proc.returncode != 0
     assert any(line.startswith("error: --sync-bn needs CUDA") for line in proc.stderr.splitlines())
     assert not (tmp_path / "r").exists()
@@ -139,18 +286,43 @@ def test_empty_shard_and_time_limit_under_torchrun(synthetic_facade, tmp_path):
     """One validation and one test image for two ranks (rank 1's shards are empty) and a time
     limit that passes during epoch 1: both ranks stop together, and the test numbers equal one
     process's evaluation of the same checkpoint."""
-    common = ["--data", str(synthetic_facade), "--train-range", "0", "7", "--val-range", "8", "8",
-              "--test-range", "0", "0", "--epochs", "3", "--time-limit", "0.0001",
-              "--model", "unet", "--width", "4", "--crop", "32"]
+    common = [
+        "--data",
+        str(synthetic_facade),
+        "--train-range",
+        "0",
+        "7",
+        "--val-range",
+        "8",
+        "8",
+        "--test-range",
+        "0",
+        "0",
+        "--epochs",
+        "3",
+        "--time-limit",
+        "0.0001",
+        "--model",
+        "unet",
+        "--width",
+        "4",
+        "--crop",
+        "32",
+    ]
     torchrun("part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "d"))
     part2(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "s"), "--threads", "2")
-    ddp, single = (utils.read_csv(tmp_path / n / "metrics.csv") for n in ("d", "s"))
+    ddp, single = (runfiles.read_csv(tmp_path / n / "metrics.csv") for n in ("d", "s"))
     assert len(ddp) == len(single) == 1
     assert torch.isfinite(torch.tensor(ddp[0]["val_loss"]))
     assert "time limit" in (tmp_path / "d" / "log.txt").read_text()
-    ddp_eval = part2(*common, "--eval-only", str(tmp_path / "d" / "checkpoints" / "best.pt"),
-                     "--output-dir", str(tmp_path / "e"))
-    ddp_res = utils.read_json(tmp_path / "d" / "results.json")
+    ddp_eval = part2(
+        *common,
+        "--eval-only",
+        str(tmp_path / "d" / "checkpoints" / "best.pt"),
+        "--output-dir",
+        str(tmp_path / "e"),
+    )
+    ddp_res = runfiles.read_json(tmp_path / "d" / "results.json")
     assert ddp_eval["test_loss"] == pytest.approx(ddp_res["test_loss"], rel=1e-6)
     assert ddp_eval["confusion_matrix"] == ddp_res["confusion_matrix"]
     assert ddp_eval["mean_ap"] == pytest.approx(ddp_res["mean_ap"], abs=1e-9)

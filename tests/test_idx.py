@@ -1,4 +1,5 @@
 """datasets.read_idx / load_fashion_split: exact round trips and one-line errors naming the file."""
+
 from __future__ import annotations
 
 import gzip
@@ -99,7 +100,9 @@ def test_read_idx_corrupt_deflate_stream(tmp_path):
 # ----------------------------------------------------------------------------- load_fashion_split
 def _write_split(root, n_images, labels, gz=True):
     img_stem, lbl_stem = datasets.FASHION_FILES["train"]
-    write_idx(root / (img_stem + (".gz" if gz else "")), np.zeros((n_images, 28, 28), np.uint8), gz=gz)
+    write_idx(
+        root / (img_stem + (".gz" if gz else "")), np.zeros((n_images, 28, 28), np.uint8), gz=gz
+    )
     write_idx(root / (lbl_stem + (".gz" if gz else "")), np.asarray(labels, np.uint8), gz=gz)
 
 

@@ -1,4 +1,5 @@
 """datasets.TensorLoader (epoch order, DDP sharding), augmentation, colorize, facade loading."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,19 +55,27 @@ def test_loader_normalizes():
     images, labels = _data(n=4, c=3)
     mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
     loader = _loader(images, labels, 4, train=False, mean=mean, std=std)
-    (x, y), = list(loader)
-    ref = (images.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    ((x, y),) = list(loader)
+    ref = (images.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[
+        :, None, None
+    ]
     assert torch.allclose(x, ref, atol=1e-6)
     assert y.dtype == torch.int64 and y.tolist() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("augment", [None, datasets.random_translate_flip], ids=["plain", "translate_flip"])
+@pytest.mark.parametrize(
+    "augment", [None, datasets.random_translate_flip], ids=["plain", "translate_flip"]
+)
 def test_ddp_rank_slices_equal_single_process_global_batch(augment):
     images, labels = _data(n=26)
     per_rank, world = 4, 2
     single = _loader(images, labels, per_rank * world, train=True, seed=5, augment=augment)
-    ranks = [_loader(images, labels, per_rank, train=True, seed=5, rank=r, world_size=world, augment=augment)
-             for r in range(world)]
+    ranks = [
+        _loader(
+            images, labels, per_rank, train=True, seed=5, rank=r, world_size=world, augment=augment
+        )
+        for r in range(world)
+    ]
     for epoch in (1, 2):
         for ld in [single, *ranks]:
             ld.set_epoch(epoch)
@@ -102,21 +111,32 @@ def test_gather_in_dataset_order_single_process():
     assert torch.equal(utils.gather_in_dataset_order(t, rt), t)
 
 
-SHARDINGS = [(10, 2), (10, 3), (11, 4), (7, 7), (23, 1),
-             (1, 2), (3, 4),                                      # n < W, the last rank's shard is empty
-             (3, 5), (0, 3)]                                      # ranks past the end: empty shards
+SHARDINGS = [
+    (10, 2),
+    (10, 3),
+    (11, 4),
+    (7, 7),
+    (23, 1),
+    (1, 2),
+    (3, 4),  # n < W, the last rank's shard is empty
+    (3, 5),
+    (0, 3),
+]  # ranks past the end: empty shards
 
 
 @pytest.mark.parametrize("n,world", SHARDINGS)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_dataset_order_undoes_eval_sharding(n, world, batch):
-    """What gather_in_dataset_order does on W ranks, without processes: each rank's evaluation shard as
-    TensorLoader(train=False) yields it, concatenated in rank order (what all_gather_cat returns), then
-    scattered to dataset_order(n, W) gives back the dataset order (n < W: some shards are empty)."""
+    """What gather_in_dataset_order does on W ranks, without processes: each rank's evaluation
+    shard as TensorLoader(train=False) yields it, concatenated in rank order (what all_gather_cat
+    returns), then scattered to dataset_order(n, W) gives back the dataset order (n < W: some
+    shards are empty)."""
     images, labels = _data(n=n, h=2, w=3)
     shards = []
     for r in range(world):
-        ld = datasets.TensorLoader(images, labels, batch, mean=[0], std=[1], train=False, rank=r, world_size=world)
+        ld = datasets.TensorLoader(
+            images, labels, batch, mean=[0], std=[1], train=False, rank=r, world_size=world
+        )
         ys = [y for _, y in ld]
         shards.append(torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long))
     assert sum(len(s) == 0 for s in shards) == max(0, world - n)
@@ -127,9 +147,18 @@ def test_dataset_order_undoes_eval_sharding(n, world, batch):
     restored[order] = gathered
     assert torch.equal(restored, labels)  # label = sample index
     # the images travel with their labels the same way
-    x_shards = [torch.cat([x for x, _ in datasets.TensorLoader(images, labels, batch, mean=[0], std=[1], train=False,
-                                                                rank=r, world_size=world)] or [torch.zeros(0, 1, 2, 3)])
-                for r in range(world)]
+    x_shards = [
+        torch.cat(
+            [
+                x
+                for x, _ in datasets.TensorLoader(
+                    images, labels, batch, mean=[0], std=[1], train=False, rank=r, world_size=world
+                )
+            ]
+            or [torch.zeros(0, 1, 2, 3)]
+        )
+        for r in range(world)
+    ]
     x_restored = torch.empty(n, 1, 2, 3)
     x_restored[order] = torch.cat(x_shards)
     assert torch.equal(x_restored, images.float() / 255)
@@ -151,7 +180,9 @@ def test_random_translate_flip_pad0_is_identity_or_flip():
 
 def test_random_translate_flip_shifts_with_zero_fill():
     x = torch.rand(32, 1, 8, 8) + 0.5  # no zeros in the input
-    out, _ = datasets.random_translate_flip(x, torch.zeros(32), torch.Generator().manual_seed(1), slice(None), 32, pad=2)
+    out, _ = datasets.random_translate_flip(
+        x, torch.zeros(32), torch.Generator().manual_seed(1), slice(None), 32, pad=2
+    )
     assert out.shape == x.shape
     for i in range(32):
         # every output is a <=2 px shift (and maybe flip) of the input; zero where it left the frame
@@ -160,7 +191,7 @@ def test_random_translate_flip_shifts_with_zero_fill():
             padded = torch.nn.functional.pad(img, (2, 2, 2, 2))
             for dy in range(5):
                 for dx in range(5):
-                    if torch.equal(padded[dy:dy + 8, dx:dx + 8], out[i, 0]):
+                    if torch.equal(padded[dy : dy + 8, dx : dx + 8], out[i, 0]):
                         found = True
         assert found
 
@@ -168,7 +199,9 @@ def test_random_translate_flip_shifts_with_zero_fill():
 def test_random_scale_crop_flip_jitter_shapes_and_labels():
     x = torch.rand(3, 3, 20, 20)
     y = torch.randint(0, 5, (3, 20, 20))
-    xo, yo = datasets.random_scale_crop_flip_jitter(x, y, torch.Generator().manual_seed(0), slice(None), 3, crop=16)
+    xo, yo = datasets.random_scale_crop_flip_jitter(
+        x, y, torch.Generator().manual_seed(0), slice(None), 3, crop=16
+    )
     assert xo.shape == (3, 3, 16, 16) and yo.shape == (3, 16, 16)
     assert yo.dtype == torch.int64 and set(yo.unique().tolist()) <= set(range(5))
     assert float(xo.min()) >= 0 and float(xo.max()) <= 1
@@ -186,10 +219,11 @@ def test_colorize_palette():
 
 def test_facade_palette_matches_real_labels(facade_root):
     from PIL import Image
+
     with Image.open(facade_root / "train" / "eecs442_0000.png") as im:
         assert im.mode == "P"
         pal = im.getpalette()[:15]
-    assert [tuple(pal[i:i + 3]) for i in range(0, 15, 3)] == datasets.FACADE_PALETTE
+    assert [tuple(pal[i : i + 3]) for i in range(0, 15, 3)] == datasets.FACADE_PALETTE
 
 
 def test_load_facade_split_synthetic(tmp_path):
@@ -198,7 +232,8 @@ def test_load_facade_split_synthetic(tmp_path):
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.shape == (3, 32, 32) and labels.dtype == torch.uint8
     assert set(labels.unique().tolist()) == {0, 1, 2, 3, 4}
-    # the image is coloured by class (learnable): each class's mean colour is nearest its own palette colour
+    # the image is coloured by class (learnable): each class's mean colour is nearest its own
+    # palette colour
     pixels = images.permute(0, 2, 3, 1).float()
     palette = torch.tensor(datasets.FACADE_PALETTE).float() * 0.8 + 25
     for k in range(5):

@@ -1,4 +1,5 @@
 """utils metrics: ConfusionMatrix by hand, average_precision / PixelScores against sklearn."""
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ def test_confusion_matrix_by_hand():
     target = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 1])
     pred = torch.tensor([0, 1, 0, 1, 2, 2, 2, 0, 2, 1])
     cm = metrics.ConfusionMatrix(3)
-    cm.update(_one_hot_logits(pred[:4], 3), target[:4])   # two updates accumulate
+    cm.update(_one_hot_logits(pred[:4], 3), target[:4])  # two updates accumulate
     cm.update(_one_hot_logits(pred[4:], 3), target[4:])
     out = cm.compute()
     assert out["confusion_matrix"] == [[2, 1, 0], [0, 2, 1], [1, 0, 3]]
@@ -36,7 +37,7 @@ def test_confusion_matrix_by_hand():
 def test_confusion_matrix_ignores_targets_out_of_range_and_handles_images():
     cm = metrics.ConfusionMatrix(2)
     logits = torch.zeros(1, 2, 2, 3)
-    logits[0, 1, 0, :] = 1.0          # top row predicted class 1, bottom row class 0
+    logits[0, 1, 0, :] = 1.0  # top row predicted class 1, bottom row class 0
     target = torch.tensor([[[1, 0, 255], [0, 2, 0]]])
     cm.update(logits, target)
     out = cm.compute()
@@ -69,15 +70,18 @@ def test_average_precision_matches_sklearn(case, seed):
     n = 5000
     scores = CASES[case](rng, n)
     y = rng.random(n) < (0.05 + 0.3 * seed)
-    scores = scores + (y * 0.3).astype(scores.dtype)  # informative, so AP is far from the prevalence
+    scores = scores + (y * 0.3).astype(
+        scores.dtype
+    )  # informative, so AP is far from the prevalence
     ours = metrics.average_precision(y, scores)
     ref = average_precision_score(y, scores)
     assert abs(ours - ref) < 1e-6, (ours, ref)
 
 
 def test_average_precision_torch_inputs_and_small_cases():
-    assert metrics.average_precision(torch.tensor([1, 0, 1]), torch.tensor([0.9, 0.8, 0.7])) == pytest.approx(
-        average_precision_score([1, 0, 1], [0.9, 0.8, 0.7]))
+    assert metrics.average_precision(
+        torch.tensor([1, 0, 1]), torch.tensor([0.9, 0.8, 0.7])
+    ) == pytest.approx(average_precision_score([1, 0, 1], [0.9, 0.8, 0.7]))
     # one tie group containing everything: AP = prevalence
     assert metrics.average_precision(np.array([1, 0, 0, 0]), np.zeros(4)) == pytest.approx(0.25)
     assert metrics.average_precision(np.array([1, 1]), np.array([0.1, 0.2])) == pytest.approx(1.0)
@@ -92,7 +96,7 @@ def test_pixel_scores_match_sklearn():
     logits = torch.randn(b, c, h, w, generator=g)
     labels = torch.randint(0, c, (b, h, w), generator=g)
     logits += 1.5 * torch.nn.functional.one_hot(labels, c).permute(0, 3, 1, 2)  # informative scores
-    labels[0, 0, :4] = 255                                                      # ignored pixels
+    labels[0, 0, :4] = 255  # ignored pixels
     ps = metrics.PixelScores(c)
     ps.update(logits[:2], labels[:2])
     ps.update(logits[2:], labels[2:])
@@ -110,7 +114,9 @@ def test_pixel_scores_match_sklearn():
         assert abs(out["ap_softmax"][k] - ref_soft) < 1e-6
     assert out["mean_ap"] == pytest.approx(np.mean(out["ap"]))
     assert out["mean_ap_softmax"] == pytest.approx(np.mean(out["ap_softmax"]))
-    assert out["pixel_accuracy"] == pytest.approx((flat_scores.argmax(1) == flat_labels).double().mean().item())
+    assert out["pixel_accuracy"] == pytest.approx(
+        (flat_scores.argmax(1) == flat_labels).double().mean().item()
+    )
     assert sum(map(sum, out["confusion_matrix"])) == int(valid.sum())
 
 
@@ -141,7 +147,9 @@ def test_average_precision_large_input_matches_sklearn():
     g = torch.Generator().manual_seed(0)
     n, c = 200_000, 5
     labels = torch.randint(0, c, (n,), generator=g)
-    scores = torch.randn(n, c, generator=g) + 0.5 * torch.nn.functional.one_hot(labels, c)  # informative
+    scores = torch.randn(n, c, generator=g) + 0.5 * torch.nn.functional.one_hot(
+        labels, c
+    )  # informative
     probs = torch.softmax(scores, 1)
     for s in (scores, probs):
         for k in range(c):

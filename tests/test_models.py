@@ -1,4 +1,5 @@
 """models: output shapes, parameter counts, FLOPs."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,23 +10,35 @@ import models
 
 def test_sigmoid_cnn_shape_and_parameter_count():
     net = models.build_model("sigmoid_cnn")
-    by_hand = (32 * 1 * 9 + 32) + (32 * 32 * 9 + 32) + (800 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10)
+    by_hand = (
+        (32 * 1 * 9 + 32)
+        + (32 * 32 * 9 + 32)
+        + (800 * 120 + 120)
+        + (120 * 84 + 84)
+        + (84 * 10 + 10)
+    )
     assert models.count_parameters(net) == by_hand  # 116,702
     with torch.no_grad():
         assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     # layer by layer, as the reference
     assert net.conv1.weight.shape == (32, 1, 3, 3) and net.conv2.weight.shape == (32, 32, 3, 3)
-    assert net.fc1.weight.shape == (120, 800) and net.fc2.weight.shape == (84, 120) and net.fc3.weight.shape == (10, 84)
+    assert (
+        net.fc1.weight.shape == (120, 800)
+        and net.fc2.weight.shape == (84, 120)
+        and net.fc3.weight.shape == (10, 84)
+    )
 
 
 def test_fashion_net_shape():
-    """(B,1,28,28) -> (B,10), and 584,874 parameters counted layer by layer (the class docstring's 0.58M);
-    the 1152 x 256 head alone holds 0.30M of them."""
+    """(B,1,28,28) -> (B,10), and 584,874 parameters counted layer by layer (the class docstring's
+    0.58M); the 1152 x 256 head alone holds 0.30M of them."""
     net = models.build_model("fashion_net").eval()
     with torch.no_grad():
         assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     w = 32
-    convs = 9 * (1 * w + w * w + w * 2 * w + 2 * w * 2 * w + 2 * w * 4 * w + 4 * w * 4 * w)  # no conv bias
+    convs = 9 * (
+        1 * w + w * w + w * 2 * w + 2 * w * 2 * w + 2 * w * 4 * w + 4 * w * 4 * w
+    )  # no conv bias
     bns = 2 * (2 * w + 2 * 2 * w + 2 * 4 * w) + 2 * 256
     head = 4 * w * 9 * 256 + 256 * 10 + 10
     assert models.count_parameters(net) == convs + bns + head == 584874
@@ -63,8 +76,15 @@ def test_facade_fcn_flops_256():
     net = models.build_model("facade_fcn")
     flops = models.forward_flops(net, (1, 3, 256, 256))
     hw, half = 256 * 256, 128 * 128
-    by_hand = 2 * (3 * 64 * 9 * hw + 64 * 64 * 9 * hw + 64 * 64 * 4 * half + 64 * 128 * 9 * hw
-                   + 128 * 128 * 9 * hw + 128 * 128 * 4 * half + 128 * 5 * 25 * hw)
+    by_hand = 2 * (
+        3 * 64 * 9 * hw
+        + 64 * 64 * 9 * hw
+        + 64 * 64 * 4 * half
+        + 64 * 128 * 9 * hw
+        + 128 * 128 * 9 * hw
+        + 128 * 128 * 4 * half
+        + 128 * 5 * 25 * hw
+    )
     assert flops == pytest.approx(38.8e9, rel=0.01)
     assert flops == pytest.approx(by_hand, rel=1e-3)
     assert net.training  # forward_flops restores the mode
@@ -80,10 +100,10 @@ def test_models_for_tasks():
     assert sorted(models.models_for("segmentation")) == ["facade_fcn", "unet"]
 
 
-@pytest.mark.parametrize("name,shape,target_shape", [
-    ("fashion_net", (16, 1, 28, 28), (16,)),
-    ("unet", (2, 3, 32, 32), (2, 32, 32)),
-])
+@pytest.mark.parametrize(
+    "name,shape,target_shape",
+    [("fashion_net", (16, 1, 28, 28), (16,)), ("unet", (2, 3, 32, 32), (2, 32, 32))],
+)
 def test_overfits_one_batch(name, shape, target_shape):
     """The improved models memorise one fixed random batch in 30 steps: the loss must halve."""
     torch.manual_seed(0)

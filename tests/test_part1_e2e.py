@@ -2,6 +2,7 @@
 data_dir has them, else on a synthetic folder of the same shape (conftest.fashion_data: 2000 train /
 1000 test images, balanced labels). Expected test-set counts come from ``fashion_data``; the
 fashion_net smoke test needs the real set (skips without it, fails with REQUIRE_DATA=1)."""
+
 from __future__ import annotations
 
 import base64
@@ -16,9 +17,17 @@ from PIL import Image
 import datasets
 import models
 import part1_classify
-import utils
+import runfiles
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time_s"]
+METRIC_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "epoch_time_s",
+]
 
 
 def run_part1(*argv):
@@ -29,8 +38,21 @@ def run_part1(*argv):
 @pytest.fixture(scope="module")
 def part1_run(fashion_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("part1") / "run"
-    returned = run_part1("--data-root", fashion_data.root, "--no-download", "--train-limit", 2000,
-                         "--epochs", 2, "--eval-batch-size", 2000, "--output-dir", out, "--threads", 2)
+    returned = run_part1(
+        "--data-root",
+        fashion_data.root,
+        "--no-download",
+        "--train-limit",
+        2000,
+        "--epochs",
+        2,
+        "--eval-batch-size",
+        2000,
+        "--output-dir",
+        out,
+        "--threads",
+        2,
+    )
     return out, returned
 
 
@@ -41,9 +63,11 @@ def _metrics(run_dir):
 
 def test_run_folder_files(part1_run):
     run_dir, _ = part1_run
-    args = utils.read_json(run_dir / "args.json")
+    args = runfiles.read_json(run_dir / "args.json")
     assert args["epochs"] == 2 and args["train_limit"] == 2000 and args["model"] == "sigmoid_cnn"
-    assert args["batch_size"] == 500 and args["optimizer"] == "adam"  # the recipe filled the unset flags
+    assert (
+        args["batch_size"] == 500 and args["optimizer"] == "adam"
+    )  # the recipe filled the unset flags
     log = (run_dir / "log.txt").read_text()
     assert "epoch 1/2" in log and "epoch 2/2" in log and "Test accuracy" in log
     rows = _metrics(run_dir)
@@ -56,7 +80,8 @@ def test_run_folder_files(part1_run):
         for key in ("train_accuracy", "val_accuracy"):
             assert 0 <= float(r[key]) <= 1
         assert float(r["epoch_time_s"]) > 0
-    # warm-up of one epoch (4 steps of 500 over 1600 images): the first logged lr is 1/4 of the recipe's peak
+    # warm-up of one epoch (4 steps of 500 over 1600 images): the first logged lr is 1/4 of the
+    # recipe's peak
     peak = part1_classify.RECIPES["sigmoid_cnn"]["lr"]
     assert float(rows[0]["lr"]) == pytest.approx(peak / 4)
     assert float(rows[1]["lr"]) == pytest.approx(peak)
@@ -64,14 +89,16 @@ def test_run_folder_files(part1_run):
 
 def test_results_json(part1_run, fashion_data):
     run_dir, returned = part1_run
-    res = utils.read_json(run_dir / "results.json")
+    res = runfiles.read_json(run_dir / "results.json")
     assert 0 <= res["test_accuracy"] <= 1
     assert list(res["per_class_accuracy"]) == datasets.FASHION_CLASSES
     cm = torch.tensor(res["confusion_matrix"])
     # every test image counted once, in its own class's row (real set: 1000 per class)
     assert cm.shape == (10, 10) and int(cm.sum()) == fashion_data.n_test
     assert cm.sum(1).tolist() == list(fashion_data.test_counts)
-    assert res["test_accuracy"] == pytest.approx(cm.diag().sum().item() / fashion_data.n_test, abs=1e-12)
+    assert res["test_accuracy"] == pytest.approx(
+        cm.diag().sum().item() / fashion_data.n_test, abs=1e-12
+    )
     per_class = (cm.diag().double() / cm.sum(1)).tolist()
     assert list(res["per_class_accuracy"].values()) == pytest.approx(per_class, abs=1e-12)
     assert res["mean_per_class_accuracy"] == pytest.approx(sum(per_class) / 10, abs=1e-12)
@@ -101,17 +128,25 @@ def test_report_html(part1_run):
     assert len(images) == len(part1_classify.FIGURES)
     assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
     assert "Per-class test accuracy" in html
-    res = utils.read_json(run_dir / "results.json")
+    res = runfiles.read_json(run_dir / "results.json")
     for name, acc in res["per_class_accuracy"].items():
         assert f"<td>{name}</td><td>{acc:.1%}</td>" in html
 
 
 def test_checkpoints(part1_run):
     run_dir, _ = part1_run
-    res = utils.read_json(run_dir / "results.json")
+    res = runfiles.read_json(run_dir / "results.json")
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
-        for key in ("model", "model_name", "args", "epoch", "optimizer", "scheduler", "normalization"):
+        for key in (
+            "model",
+            "model_name",
+            "args",
+            "epoch",
+            "optimizer",
+            "scheduler",
+            "normalization",
+        ):
             assert key in ckpt, (name, key)
         assert ckpt["model_name"] == "sigmoid_cnn"
         assert ckpt["normalization"] == res["normalization"]
@@ -136,7 +171,7 @@ def _predict(ckpt, images_u8, batch=2000):
 
 def test_independent_recomputation(part1_run, fashion_data):
     run_dir, _ = part1_run
-    res = utils.read_json(run_dir / "results.json")
+    res = runfiles.read_json(run_dir / "results.json")
     ckpt = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     images, labels = datasets.load_fashion_split(fashion_data.root, "test")
     assert torch.bincount(labels, minlength=10).tolist() == list(fashion_data.test_counts)
@@ -144,58 +179,92 @@ def test_independent_recomputation(part1_run, fashion_data):
     train_x, _ = datasets.load_fashion_split(fashion_data.root, "train")
     tr_idx, _ = datasets.split_train_val(2000, 0.2, 0)
     mean, std = datasets.channel_stats(train_x[:2000][tr_idx])
-    assert ckpt["normalization"]["mean"] == pytest.approx(mean) and ckpt["normalization"]["std"] == pytest.approx(std)
+    assert ckpt["normalization"]["mean"] == pytest.approx(mean) and ckpt["normalization"][
+        "std"
+    ] == pytest.approx(std)
     pred = _predict(ckpt, images)
     acc = (pred == labels).double().mean().item()
     assert abs(acc - res["test_accuracy"]) < 1e-9
     for c, name in enumerate(datasets.FASHION_CLASSES):
         mask = labels == c
-        assert abs((pred[mask] == c).double().mean().item() - res["per_class_accuracy"][name]) < 1e-9
+        assert (
+            abs((pred[mask] == c).double().mean().item() - res["per_class_accuracy"][name]) < 1e-9
+        )
 
 
 def test_eval_only_reproduces(part1_run, fashion_data, tmp_path):
     run_dir, _ = part1_run
-    res = utils.read_json(run_dir / "results.json")
+    res = runfiles.read_json(run_dir / "results.json")
     other = tmp_path / "eval"
-    out = run_part1("--eval-only", run_dir / "checkpoints" / "best.pt", "--data-root", fashion_data.root,
-                    "--no-download", "--train-limit", 2000, "--eval-batch-size", 2000, "--output-dir", other)
-    res2 = utils.read_json(other / "results.json")
+    out = run_part1(
+        "--eval-only",
+        run_dir / "checkpoints" / "best.pt",
+        "--data-root",
+        fashion_data.root,
+        "--no-download",
+        "--train-limit",
+        2000,
+        "--eval-batch-size",
+        2000,
+        "--output-dir",
+        other,
+    )
+    res2 = runfiles.read_json(other / "results.json")
     assert res2["test_accuracy"] == res["test_accuracy"]
     assert res2["confusion_matrix"] == res["confusion_matrix"]
     assert out["test_accuracy"] == res["test_accuracy"]
-    assert not (other / "checkpoints").exists() and not (other / "metrics.csv").exists()  # no training
+    assert (
+        not (other / "checkpoints").exists() and not (other / "metrics.csv").exists()
+    )  # no training
 
 
 def test_report_only_rebuilds(part1_run):
     run_dir, _ = part1_run
     report = run_dir / "report.html"
-    before = utils.read_json(run_dir / "results.json")
+    before = runfiles.read_json(run_dir / "results.json")
     report.unlink()
     (run_dir / "figures" / "per_class_accuracy.png").unlink()
     out = run_part1("--report-only", run_dir)
     assert report.is_file() and (run_dir / "figures" / "per_class_accuracy.png").is_file()
     assert "Per-class test accuracy" in report.read_text()
     assert out["test_accuracy"] == before["test_accuracy"]
-    assert utils.read_json(run_dir / "results.json")["confusion_matrix"] == before["confusion_matrix"]
+    assert (
+        runfiles.read_json(run_dir / "results.json")["confusion_matrix"]
+        == before["confusion_matrix"]
+    )
 
 
 # ----------------------------------------------------------------------------- resume equivalence
 def test_resume_equals_uninterrupted(fashion_data, tmp_path):
-    common = ["--data-root", fashion_data.root, "--no-download", "--train-limit", 1000, "--epochs", 2,
-              "--eval-batch-size", 2000]
+    common = [
+        "--data-root",
+        fashion_data.root,
+        "--no-download",
+        "--train-limit",
+        1000,
+        "--epochs",
+        2,
+        "--eval-batch-size",
+        2000,
+    ]
     a, b = tmp_path / "A", tmp_path / "B"
     run_part1(*common, "--output-dir", a)
     run_part1(*common, "--output-dir", b, "--stop-after-epochs", 1)
     assert len(_metrics(b)) == 1
-    assert torch.load(b / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 1
-    run_part1(*common, "--resume", b / "checkpoints" / "last.pt")  # no --output-dir: the checkpoint's run folder
+    assert (
+        torch.load(b / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["epoch"]
+        == 1
+    )
+    run_part1(
+        *common, "--resume", b / "checkpoints" / "last.pt"
+    )  # no --output-dir: the checkpoint's run folder
     rows_a, rows_b = _metrics(a), _metrics(b)
     assert len(rows_a) == len(rows_b) == 2
     for ra, rb in zip(rows_a, rows_b):
         for key in ra:
             if key not in ("epoch_time_s", "train_images_per_s"):
                 assert ra[key] == rb[key], (key, ra, rb)
-    res_a, res_b = utils.read_json(a / "results.json"), utils.read_json(b / "results.json")
+    res_a, res_b = runfiles.read_json(a / "results.json"), runfiles.read_json(b / "results.json")
     assert res_a["test_accuracy"] == res_b["test_accuracy"]
     assert res_a["checkpoint_epoch"] == res_b["checkpoint_epoch"]
     assert res_a["confusion_matrix"] == res_b["confusion_matrix"]
@@ -205,14 +274,30 @@ def test_resume_equals_uninterrupted(fashion_data, tmp_path):
 
 
 def test_val_fraction_zero_tests_the_final_epoch(make_fashion_root, tmp_path):
-    """--val-fraction 0 (range [0, 1)) trains on every image; with no validation set the val_ columns are
-    NaN and each epoch replaces the kept one, so best.pt and the test results are the final epoch's."""
+    """--val-fraction 0 (range [0, 1)) trains on every image; with no validation set the val_
+    columns are NaN and each epoch replaces the kept one, so best.pt and the test results are the
+    final epoch's."""
     root = make_fashion_root(tmp_path / "fm", n_train=40, n_test=20)
     out = tmp_path / "run"
-    run_part1("--data-root", root, "--no-download", "--val-fraction", 0, "--epochs", 3, "--batch-size", 20,
-              "--eval-batch-size", 20, "--output-dir", out)
-    res = utils.read_json(out / "results.json")
-    assert res["checkpoint_epoch"] == 3, f"tested the weights of epoch {res['checkpoint_epoch']} of 3"
+    run_part1(
+        "--data-root",
+        root,
+        "--no-download",
+        "--val-fraction",
+        0,
+        "--epochs",
+        3,
+        "--batch-size",
+        20,
+        "--eval-batch-size",
+        20,
+        "--output-dir",
+        out,
+    )
+    res = runfiles.read_json(out / "results.json")
+    assert res["checkpoint_epoch"] == 3, (
+        f"tested the weights of epoch {res['checkpoint_epoch']} of 3"
+    )
     rows = _metrics(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert all(math.isnan(float(r[k])) for r in rows for k in ("val_loss", "val_accuracy"))
@@ -223,16 +308,31 @@ def test_val_fraction_zero_tests_the_final_epoch(make_fashion_root, tmp_path):
 
 
 def test_fashion_net_smoke(fashion_root, tmp_path):
-    """The improved model end to end (2 short epochs with its recipe's augmentation and label smoothing)."""
+    """The improved model end to end (2 short epochs with its recipe's augmentation and label
+    smoothing)."""
     out = tmp_path / "fn"
-    run_part1("--data-root", fashion_root, "--model", "fashion_net", "--train-limit", 600, "--epochs", 2,
-              "--output-dir", out)
-    res = utils.read_json(out / "results.json")
+    run_part1(
+        "--data-root",
+        fashion_root,
+        "--model",
+        "fashion_net",
+        "--train-limit",
+        600,
+        "--epochs",
+        2,
+        "--output-dir",
+        out,
+    )
+    res = runfiles.read_json(out / "results.json")
     assert res["model"] == "fashion_net" and res["parameters"] == 584874
     assert 0 <= res["test_accuracy"] <= 1
-    rows = utils.read_csv(out / "metrics.csv")
+    rows = runfiles.read_csv(out / "metrics.csv")
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
-    args = utils.read_json(out / "args.json")
-    assert args["augment"] == "translate_flip" and args["label_smoothing"] == 0.1 and args["optimizer"] == "adamw"
+    args = runfiles.read_json(out / "args.json")
+    assert (
+        args["augment"] == "translate_flip"
+        and args["label_smoothing"] == 0.1
+        and args["optimizer"] == "adamw"
+    )
     for fig in (f.path for f in part1_classify.FIGURES):
         assert (out / fig).is_file(), fig

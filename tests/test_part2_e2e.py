@@ -1,4 +1,6 @@
-"""Part 2 end to end on the tiny synthetic facade set, a small slice of the real one, and ``predict``."""
+"""Part 2 end to end on the tiny synthetic facade set, a small slice of the real one, and
+``predict``."""
+
 from __future__ import annotations
 
 import base64
@@ -15,7 +17,7 @@ from sklearn.metrics import average_precision_score
 import datasets
 import models
 import part2_segment
-import utils
+import runfiles
 
 SYN_ARGS = ["--train-range", "0", "9", "--val-range", "10", "11", "--test-range", "0", "3"]
 
@@ -28,7 +30,17 @@ def run_part2(*argv):
 @pytest.fixture(scope="module")
 def part2_run(synthetic_facade_ro, tmp_path_factory):
     out = tmp_path_factory.mktemp("part2") / "run"
-    returned = run_part2("--data", synthetic_facade_ro, *SYN_ARGS, "--epochs", 2, "--batch-size", 4, "--output-dir", out)
+    returned = run_part2(
+        "--data",
+        synthetic_facade_ro,
+        *SYN_ARGS,
+        "--epochs",
+        2,
+        "--batch-size",
+        4,
+        "--output-dir",
+        out,
+    )
     return out, returned
 
 
@@ -39,11 +51,14 @@ def _metrics(run_dir):
 
 def test_outputs(part2_run):
     run_dir, returned = part2_run
-    res = utils.read_json(run_dir / "results.json")
+    res = runfiles.read_json(run_dir / "results.json")
     for key in ("ap", "mean_ap", "ap_softmax", "iou", "miou", "pixel_accuracy"):
         assert key in res, key
     assert list(res["ap"]) == datasets.FACADE_CLASSES
-    assert list(res["ap_softmax"]) == datasets.FACADE_CLASSES and list(res["iou"]) == datasets.FACADE_CLASSES
+    assert (
+        list(res["ap_softmax"]) == datasets.FACADE_CLASSES
+        and list(res["iou"]) == datasets.FACADE_CLASSES
+    )
     for k in ("ap", "ap_softmax", "iou"):
         assert all(0 <= v <= 1 for v in res[k].values()), (k, res[k])
     assert res["mean_ap"] == pytest.approx(np.mean(list(res["ap"].values())))
@@ -80,7 +95,7 @@ def test_outputs(part2_run):
 
 def test_independent_ap_recomputation(part2_run, synthetic_facade_ro):
     run_dir, _ = part2_run
-    res = utils.read_json(run_dir / "results.json")
+    res = runfiles.read_json(run_dir / "results.json")
     ckpt = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     net = models.build_model(ckpt["model_name"], **ckpt["model_kwargs"])
     net.load_state_dict(ckpt["model"])
@@ -89,8 +104,12 @@ def test_independent_ap_recomputation(part2_run, synthetic_facade_ro):
     # normalisation = per-channel mean/std of the 10 training images
     train_images, _ = datasets.load_facade_split(synthetic_facade_ro / "train", 0, 9)
     mean, std = datasets.channel_stats(train_images)
-    assert ckpt["normalization"]["mean"] == pytest.approx(mean) and ckpt["normalization"]["std"] == pytest.approx(std)
-    x = (images.float() / 255 - torch.tensor(mean).reshape(1, 3, 1, 1)) / torch.tensor(std).reshape(1, 3, 1, 1)
+    assert ckpt["normalization"]["mean"] == pytest.approx(mean) and ckpt["normalization"][
+        "std"
+    ] == pytest.approx(std)
+    x = (images.float() / 255 - torch.tensor(mean).reshape(1, 3, 1, 1)) / torch.tensor(std).reshape(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         logits = net(x)
     scores = logits.permute(0, 2, 3, 1).reshape(-1, 5).numpy()
@@ -101,7 +120,9 @@ def test_independent_ap_recomputation(part2_run, synthetic_facade_ro):
         if not (flat == c).any():
             continue
         assert abs(average_precision_score(flat == c, scores[:, c]) - res["ap"][name]) < 1e-6, name
-        assert abs(average_precision_score(flat == c, probs[:, c]) - res["ap_softmax"][name]) < 1e-6, name
+        assert (
+            abs(average_precision_score(flat == c, probs[:, c]) - res["ap_softmax"][name]) < 1e-6
+        ), name
         checked += 1
     assert checked == 5  # the synthetic set draws every class in every image
     pred = scores.argmax(1)
@@ -110,12 +131,22 @@ def test_independent_ap_recomputation(part2_run, synthetic_facade_ro):
 
 def test_eval_only_and_report_only(part2_run, synthetic_facade_ro, tmp_path):
     run_dir, _ = part2_run
-    res = utils.read_json(run_dir / "results.json")
+    res = runfiles.read_json(run_dir / "results.json")
     other = tmp_path / "eval"
-    run_part2("--data", synthetic_facade_ro, *SYN_ARGS, "--eval-only", run_dir / "checkpoints" / "best.pt",
-              "--output-dir", other)
-    res2 = utils.read_json(other / "results.json")
-    assert res2["ap"] == pytest.approx(res["ap"], abs=1e-9) and res2["confusion_matrix"] == res["confusion_matrix"]
+    run_part2(
+        "--data",
+        synthetic_facade_ro,
+        *SYN_ARGS,
+        "--eval-only",
+        run_dir / "checkpoints" / "best.pt",
+        "--output-dir",
+        other,
+    )
+    res2 = runfiles.read_json(other / "results.json")
+    assert (
+        res2["ap"] == pytest.approx(res["ap"], abs=1e-9)
+        and res2["confusion_matrix"] == res["confusion_matrix"]
+    )
     (other / "report.html").unlink()
     run_part2("--report-only", other)
     assert "Per-class results on test pixels" in (other / "report.html").read_text()
@@ -123,8 +154,23 @@ def test_eval_only_and_report_only(part2_run, synthetic_facade_ro, tmp_path):
 
 def test_unet_one_epoch(synthetic_facade_ro, tmp_path):
     out = tmp_path / "unet"
-    res = run_part2("--data", synthetic_facade_ro, *SYN_ARGS, "--model", "unet", "--width", "8", "--crop", "32",
-                    "--epochs", 1, "--batch-size", 5, "--output-dir", out)
+    res = run_part2(
+        "--data",
+        synthetic_facade_ro,
+        *SYN_ARGS,
+        "--model",
+        "unet",
+        "--width",
+        "8",
+        "--crop",
+        "32",
+        "--epochs",
+        1,
+        "--batch-size",
+        5,
+        "--output-dir",
+        out,
+    )
     rows = _metrics(out)
     assert len(rows) == 1
     assert math.isfinite(float(rows[0]["train_loss"])) and math.isfinite(float(rows[0]["val_loss"]))
@@ -135,9 +181,28 @@ def test_unet_one_epoch(synthetic_facade_ro, tmp_path):
 
 def test_real_facade_slice(facade_root, tmp_path):
     out = tmp_path / "real"
-    res = run_part2("--data", facade_root, "--train-range", 0, 1, "--val-range", 800, 800, "--test-range", 0, 1,
-                    "--epochs", 1, "--max-steps", 1, "--num-examples", 2, "--output-dir", out)
-    saved = utils.read_json(out / "results.json")
+    res = run_part2(
+        "--data",
+        facade_root,
+        "--train-range",
+        0,
+        1,
+        "--val-range",
+        800,
+        800,
+        "--test-range",
+        0,
+        1,
+        "--epochs",
+        1,
+        "--max-steps",
+        1,
+        "--num-examples",
+        2,
+        "--output-dir",
+        out,
+    )
+    saved = runfiles.read_json(out / "results.json")
     assert 0 < saved["mean_ap"] < 1 and saved["image_size"] == [256, 256]
     assert saved["gflops_per_image"] == pytest.approx(38.8, rel=0.01)
     assert sum(map(sum, saved["confusion_matrix"])) == 2 * 256 * 256
@@ -157,9 +222,25 @@ def test_predict_cli(part2_run, tmp_path):
     bad.write_text("this is not an image\n")
     out = tmp_path / "pred"
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(["predict", "--checkpoint", str(ckpt), str(img1), str(img2), str(bad), "--output-dir", str(out)])
+        part2_segment.cli_main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                str(img1),
+                str(img2),
+                str(bad),
+                "--output-dir",
+                str(out),
+            ]
+        )
     assert info.value.code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["big_mask.png", "big_overlay.png", "odd_mask.png", "odd_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "big_mask.png",
+        "big_overlay.png",
+        "odd_mask.png",
+        "odd_overlay.png",
+    ]
     for stem, size in (("big", (256, 256)), ("odd", (67, 45))):
         for suffix in ("mask", "overlay"):
             with Image.open(out / f"{stem}_{suffix}.png") as im:
@@ -172,21 +253,37 @@ def test_predict_cli(part2_run, tmp_path):
     net.load_state_dict(ck["model"])
     net.eval()
     rgb = np.array(Image.open(img2).convert("RGB"))
-    x = datasets.normalize(torch.from_numpy(rgb).permute(2, 0, 1)[None], ck["normalization"]["mean"], ck["normalization"]["std"])
+    x = datasets.normalize(
+        torch.from_numpy(rgb).permute(2, 0, 1)[None],
+        ck["normalization"]["mean"],
+        ck["normalization"]["std"],
+    )
     with torch.no_grad():
-        pred = net(torch.nn.functional.pad(x, (0, 1, 0, 1), mode="reflect"))[..., :45, :67].argmax(1)[0]
+        pred = net(torch.nn.functional.pad(x, (0, 1, 0, 1), mode="reflect"))[..., :45, :67].argmax(
+            1
+        )[0]
     assert np.array_equal(np.asarray(Image.open(out / "odd_mask.png")), datasets.colorize(pred))
 
 
 def test_predict_264_matches_model(part2_run, tmp_path):
-    """The mask of a 264x264 image equals argmax of the model's own logits (264 is a multiple of 2)."""
+    """The mask of a 264x264 image equals argmax of the model's own logits (264 is a multiple of
+    2)."""
     run_dir, _ = part2_run
     ckpt_path = run_dir / "checkpoints" / "best.pt"
     rgb = np.random.default_rng(1).integers(0, 256, (264, 264, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "sq.png")
     out = tmp_path / "pred"
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(["predict", "--checkpoint", str(ckpt_path), str(tmp_path / "sq.png"), "--output-dir", str(out)])
+        part2_segment.cli_main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt_path),
+                str(tmp_path / "sq.png"),
+                "--output-dir",
+                str(out),
+            ]
+        )
     assert info.value.code == 0
     mask_rgb = np.asarray(Image.open(out / "sq_mask.png"))
     assert mask_rgb.shape == (264, 264, 3)
@@ -194,8 +291,11 @@ def test_predict_264_matches_model(part2_run, tmp_path):
     net = models.build_model(ckpt["model_name"], **ckpt["model_kwargs"])
     net.load_state_dict(ckpt["model"])
     net.eval()
-    x = datasets.normalize(torch.from_numpy(rgb).permute(2, 0, 1)[None], ckpt["normalization"]["mean"],
-                           ckpt["normalization"]["std"])
+    x = datasets.normalize(
+        torch.from_numpy(rgb).permute(2, 0, 1)[None],
+        ckpt["normalization"]["mean"],
+        ckpt["normalization"]["std"],
+    )
     with torch.no_grad():
         pred = net(x).argmax(1)[0]
     assert np.array_equal(mask_rgb, datasets.colorize(pred))
@@ -206,11 +306,23 @@ def test_predict_264_matches_model(part2_run, tmp_path):
 def test_predict_downscales_large_images(part2_run, tmp_path):
     run_dir, _ = part2_run
     img = tmp_path / "wide.png"
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(img)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(
+        img
+    )
     out = tmp_path / "pred"
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(["predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), str(img),
-                           "--max-size", "64", "--output-dir", str(out)])
+        part2_segment.cli_main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run_dir / "checkpoints" / "best.pt"),
+                str(img),
+                "--max-size",
+                "64",
+                "--output-dir",
+                str(out),
+            ]
+        )
     assert info.value.code == 0
     with Image.open(out / "wide_mask.png") as im:
         assert im.size == (150, 90)
@@ -222,7 +334,9 @@ def test_predict_rejects_classification_checkpoint(tmp_path, capsys):
     img = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(img)
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(["predict", "--checkpoint", str(ckpt), str(img), "--output-dir", str(tmp_path / "out")])
+        part2_segment.cli_main(
+            ["predict", "--checkpoint", str(ckpt), str(img), "--output-dir", str(tmp_path / "out")]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "classification" in err[0]

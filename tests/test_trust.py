@@ -1,6 +1,7 @@
 """Runs that cannot end wrong without saying so: flags checked at parse time, resume that keeps
 the run's arguments, run folders that never mix, checkpoints that cannot run code, metrics from
 fp32 scores, a validation loss independent of batching, predict that keeps outputs apart."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,6 +18,7 @@ import engine
 import models
 import part1_classify
 import part2_segment
+import runfiles
 import utils
 from conftest import assert_one_line_error, run_script
 
@@ -24,18 +26,23 @@ SYN_P2 = ["--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "
 
 
 def part1(*argv):
-    return part1_classify.main(part1_classify.get_args_parser().parse_args(
-        [*map(str, argv), "--no-progress"]))
+    return part1_classify.main(
+        part1_classify.get_args_parser().parse_args([*map(str, argv), "--no-progress"])
+    )
 
 
 def part2(*argv):
-    return part2_segment.main(part2_segment.get_args_parser().parse_args(
-        [*map(str, argv), "--no-progress"]))
+    return part2_segment.main(
+        part2_segment.get_args_parser().parse_args([*map(str, argv), "--no-progress"])
+    )
 
 
 def digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -74,8 +81,9 @@ BAD_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("script, argv, flag", BAD_FLAGS,
-                         ids=[" ".join(a) for _, a, _ in BAD_FLAGS])
+@pytest.mark.parametrize(
+    "script, argv, flag", BAD_FLAGS, ids=[" ".join(a) for _, a, _ in BAD_FLAGS]
+)
 def test_bad_flag_is_one_line_at_parse_time(script, argv, flag, capsys):
     with pytest.raises(SystemExit) as info:
         script.get_args_parser().parse_args(argv)
@@ -93,20 +101,54 @@ def test_bad_flag_subprocess_writes_nothing(tmp_path):
 
 def test_crop_must_suit_the_model(synthetic_facade, tmp_path):
     with pytest.raises(utils.UserError, match="--crop 20 is not a multiple of 16"):
-        part2("--data", synthetic_facade, *SYN_P2, "--model", "unet", "--crop", 20,
-              "--output-dir", tmp_path / "run")
+        part2(
+            "--data",
+            synthetic_facade,
+            *SYN_P2,
+            "--model",
+            "unet",
+            "--crop",
+            20,
+            "--output-dir",
+            tmp_path / "run",
+        )
     assert not (tmp_path / "run").exists()
 
 
 def test_predict_max_size_below_the_model_multiple(tmp_path, synthetic_facade, capsys):
     out = tmp_path / "unet"
-    part2("--data", synthetic_facade, *SYN_P2, "--model", "unet", "--width", 4, "--crop", 32,
-          "--epochs", 1, "--max-steps", 1, "--output-dir", out)
+    part2(
+        "--data",
+        synthetic_facade,
+        *SYN_P2,
+        "--model",
+        "unet",
+        "--width",
+        4,
+        "--crop",
+        32,
+        "--epochs",
+        1,
+        "--max-steps",
+        1,
+        "--output-dir",
+        out,
+    )
     img = tmp_path / "a.png"
     Image.new("RGB", (40, 30)).save(img)
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(["predict", "--checkpoint", str(out / "checkpoints/best.pt"),
-                                str(img), "--max-size", "8", "--output-dir", str(tmp_path / "p")])
+        part2_segment.cli_main(
+            [
+                "predict",
+                "--checkpoint",
+                str(out / "checkpoints/best.pt"),
+                str(img),
+                "--max-size",
+                "8",
+                "--output-dir",
+                str(tmp_path / "p"),
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--max-size 8" in err[0]
@@ -126,18 +168,28 @@ def half_run(fm_root, tmp_path):
 def test_resume_alone_reproduces_the_uninterrupted_run(half_run):
     base, ckpt = half_run
     part1("--resume", ckpt)  # no other flag: the checkpoint's arguments (seed 3, data, recipe)
-    full, resumed = (utils.read_csv(base / n / "metrics.csv") for n in ("full", "half"))
+    full, resumed = (runfiles.read_csv(base / n / "metrics.csv") for n in ("full", "half"))
     assert [r["epoch"] for r in resumed] == [1, 2]
     for a, b in zip(full, resumed):
-        assert {k: v for k, v in a.items() if "time" not in k and "per_s" not in k} == \
-            {k: v for k, v in b.items() if "time" not in k and "per_s" not in k}
-    res_full, res_resumed = (utils.read_json(base / n / "results.json") for n in ("full", "half"))
+        assert {k: v for k, v in a.items() if "time" not in k and "per_s" not in k} == {
+            k: v for k, v in b.items() if "time" not in k and "per_s" not in k
+        }
+    res_full, res_resumed = (
+        runfiles.read_json(base / n / "results.json") for n in ("full", "half")
+    )
     assert res_full["confusion_matrix"] == res_resumed["confusion_matrix"]
 
 
-@pytest.mark.parametrize("argv, flag", [(["--seed", "0"], "--seed"), (["--lr", "0.5"], "--lr"),
-                                        (["--val-fraction", "0.5"], "--val-fraction"),
-                                        (["--amp"], "--amp"), (["--epochs", "5"], "--epochs")])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--seed", "0"], "--seed"),
+        (["--lr", "0.5"], "--lr"),
+        (["--val-fraction", "0.5"], "--val-fraction"),
+        (["--amp"], "--amp"),
+        (["--epochs", "5"], "--epochs"),
+    ],
+)
 def test_resume_refuses_a_flag_that_changes_the_run(half_run, argv, flag):
     base, ckpt = half_run
     before = digest(base / "half")
@@ -149,9 +201,17 @@ def test_resume_refuses_a_flag_that_changes_the_run(half_run, argv, flag):
 def test_resume_accepts_speed_flags_and_a_longer_constant_schedule(fm_root, tmp_path):
     run = tmp_path / "const"
     part1(*p1_common(fm_root), "--epochs", 1, "--schedule", "constant", "--output-dir", run)
-    part1("--resume", run / "checkpoints" / "last.pt", "--epochs", 2, "--threads", 1,
-          "--eval-batch-size", 7)
-    assert [r["epoch"] for r in utils.read_csv(run / "metrics.csv")] == [1, 2]
+    part1(
+        "--resume",
+        run / "checkpoints" / "last.pt",
+        "--epochs",
+        2,
+        "--threads",
+        1,
+        "--eval-batch-size",
+        7,
+    )
+    assert [r["epoch"] for r in runfiles.read_csv(run / "metrics.csv")] == [1, 2]
 
 
 # ----------------------------------------------------------------------------- 4. run folders
@@ -183,8 +243,8 @@ def test_eval_only_writes_its_own_folder(fm_root, tmp_path, monkeypatch):
 
 
 def test_default_run_folders_do_not_collide(tmp_path):
-    first = utils.new_run_dir(tmp_path, "20260101-000000-unet")
-    second = utils.new_run_dir(tmp_path, "20260101-000000-unet")
+    first = runfiles.new_run_dir(tmp_path, "20260101-000000-unet")
+    second = runfiles.new_run_dir(tmp_path, "20260101-000000-unet")
     assert first != second and first.is_dir() and second.is_dir()
     assert second.name == "20260101-000000-unet-2"
 
@@ -203,12 +263,26 @@ class RunsCode:
 def test_checkpoint_that_would_run_code_is_refused(tmp_path, fm_root):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"model": {}, "model_name": "sigmoid_cnn", "task": "classification",
-                "payload": RunsCode(marker)}, evil)
+    torch.save(
+        {
+            "model": {},
+            "model_name": "sigmoid_cnn",
+            "task": "classification",
+            "payload": RunsCode(marker),
+        },
+        evil,
+    )
     with pytest.raises(utils.UserError, match="refusing"):
-        utils.load_checkpoint(evil)
-    proc = run_script("part1_classify.py", "--eval-only", str(evil), "--data-root", str(fm_root),
-                      "--output-dir", str(tmp_path / "out"))
+        runfiles.load_checkpoint(evil)
+    proc = run_script(
+        "part1_classify.py",
+        "--eval-only",
+        str(evil),
+        "--data-root",
+        str(fm_root),
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
     assert_one_line_error(proc, mentions="evil.pt")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -224,14 +298,16 @@ def test_our_checkpoints_load_with_weights_only(tmp_path, fm_root):
 def test_best_written_before_last_and_fsynced(tmp_path, monkeypatch):
     order, synced = [], []
     real_save, real_fsync = torch.save, os.fsync
-    monkeypatch.setattr(torch, "save", lambda obj, f: (order.append(obj["name"]), real_save(obj, f)))
+    monkeypatch.setattr(
+        torch, "save", lambda obj, f: (order.append(obj["name"]), real_save(obj, f))
+    )
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
-    utils.save_epoch_checkpoints({"name": "epoch 3"}, tmp_path, is_best=True)
+    runfiles.save_epoch_checkpoints({"name": "epoch 3"}, tmp_path, is_best=True)
     assert order == ["epoch 3", "epoch 3"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
     assert len(synced) == 4  # each file and the folder after each rename
     order.clear()
-    utils.save_epoch_checkpoints({"name": "epoch 4"}, tmp_path, is_best=False)
+    runfiles.save_epoch_checkpoints({"name": "epoch 4"}, tmp_path, is_best=False)
     assert torch.load(tmp_path / "best.pt")["name"] == "epoch 3"
     assert torch.load(tmp_path / "last.pt")["name"] == "epoch 4"
 
@@ -239,9 +315,10 @@ def test_best_written_before_last_and_fsynced(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 6. fp32 scores
 def test_amp_metrics_come_from_fp32_scores(synthetic_facade, tmp_path):
     run = tmp_path / "run"
-    part2("--data", synthetic_facade, *SYN_P2, "--epochs", 3, "--batch-size", 4,
-          "--output-dir", run)
-    ckpt = utils.load_checkpoint(run / "checkpoints" / "best.pt")
+    part2(
+        "--data", synthetic_facade, *SYN_P2, "--epochs", 3, "--batch-size", 4, "--output-dir", run
+    )
+    ckpt = runfiles.load_checkpoint(run / "checkpoints" / "best.pt")
     net = models.from_checkpoint(ckpt).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -249,10 +326,25 @@ def test_amp_metrics_come_from_fp32_scores(synthetic_facade, tmp_path):
     assert scores.dtype == torch.float32
     distinct = scores.unique().numel()
     assert distinct > 2 * scores.bfloat16().float().unique().numel()  # not bf16 values cast up
-    fp32 = part2("--eval-only", run / "checkpoints" / "best.pt", "--data", synthetic_facade,
-                 *SYN_P2, "--output-dir", tmp_path / "fp32")
-    amp = part2("--eval-only", run / "checkpoints" / "best.pt", "--data", synthetic_facade,
-                *SYN_P2, "--amp", "--output-dir", tmp_path / "amp")
+    fp32 = part2(
+        "--eval-only",
+        run / "checkpoints" / "best.pt",
+        "--data",
+        synthetic_facade,
+        *SYN_P2,
+        "--output-dir",
+        tmp_path / "fp32",
+    )
+    amp = part2(
+        "--eval-only",
+        run / "checkpoints" / "best.pt",
+        "--data",
+        synthetic_facade,
+        *SYN_P2,
+        "--amp",
+        "--output-dir",
+        tmp_path / "amp",
+    )
     assert abs(fp32["mean_ap"] - amp["mean_ap"]) < 0.005
     for name in datasets.FACADE_CLASSES:
         assert abs(fp32["ap"][name] - amp["ap"][name]) < 0.01, name
@@ -269,8 +361,9 @@ def test_validation_loss_independent_of_batching():
     values = []
     for loss_fn in (engine.CrossEntropyDice(weight, 5), engine.CrossEntropy(label_smoothing=0.1)):
         for batch in (1, 2, 3, 7):
-            loader = datasets.TensorLoader(images, labels, batch, mean=[0.5] * 3, std=[0.25] * 3,
-                                           train=False)
+            loader = datasets.TensorLoader(
+                images, labels, batch, mean=[0.5] * 3, std=[0.25] * 3, train=False
+            )
             values.append(engine.evaluate(net, loader, loss_fn, rt)["loss"])
         # the whole split in one batch is the definition: the loss of all pixels together
         with torch.no_grad():
@@ -280,11 +373,11 @@ def test_validation_loss_independent_of_batching():
 
 
 # ----------------------------------------------------------------------------- 8. predict
-def test_predict_keeps_same_named_inputs_apart_and_skips_too_large(tmp_path, synthetic_facade,
-                                                                   monkeypatch, capsys):
+def test_predict_keeps_same_named_inputs_apart_and_skips_too_large(
+    tmp_path, synthetic_facade, monkeypatch, capsys
+):
     run = tmp_path / "run"
-    part2("--data", synthetic_facade, *SYN_P2, "--epochs", 1, "--max-steps", 1,
-          "--output-dir", run)
+    part2("--data", synthetic_facade, *SYN_P2, "--epochs", 1, "--max-steps", 1, "--output-dir", run)
     rng = np.random.default_rng(0)
     paths = []
     for folder, size in (("a", (20, 24)), ("b", (30, 18)), ("c", (64, 64))):
@@ -294,11 +387,23 @@ def test_predict_keeps_same_named_inputs_apart_and_skips_too_large(tmp_path, syn
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 > 2 x 1000: too large
     out = tmp_path / "pred"
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(["predict", "--checkpoint", str(run / "checkpoints/best.pt"),
-                                *map(str, paths), "--output-dir", str(out)])
+        part2_segment.cli_main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run / "checkpoints/best.pt"),
+                *map(str, paths),
+                "--output-dir",
+                str(out),
+            ]
+        )
     assert info.value.code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["a__x_mask.png", "a__x_overlay.png",
-                                                     "b__x_mask.png", "b__x_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a__x_mask.png",
+        "a__x_overlay.png",
+        "b__x_mask.png",
+        "b__x_overlay.png",
+    ]
     with Image.open(out / "a__x_mask.png") as a, Image.open(out / "b__x_mask.png") as b:
         assert a.size == (24, 20) and b.size == (18, 30)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
