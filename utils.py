@@ -135,6 +135,18 @@ def setup_runtime(
     )
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the hardware computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or
+    AMX), where --amp pays off most."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:  # not Linux: no cheap way to ask
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cleanup_runtime(rt: Runtime) -> None:
     """End a successful run: every rank waits until rank 0 has written its outputs, then all
     tear the process group down together (a rank leaving early made gloo abort at exit)."""

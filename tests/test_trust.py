@@ -100,55 +100,22 @@ def test_bad_flag_subprocess_writes_nothing(tmp_path):
 
 
 def test_crop_must_suit_the_model(synthetic_facade, tmp_path):
+    flags = [*SYN_P2, *"--model unet --crop 20".split()]
     with pytest.raises(utils.UserError, match="--crop 20 is not a multiple of 16"):
-        part2(
-            "--data",
-            synthetic_facade,
-            *SYN_P2,
-            "--model",
-            "unet",
-            "--crop",
-            20,
-            "--output-dir",
-            tmp_path / "run",
-        )
+        part2("--data", synthetic_facade, *flags, "--output-dir", tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 def test_predict_max_size_below_the_model_multiple(tmp_path, synthetic_facade, capsys):
     out = tmp_path / "unet"
-    part2(
-        "--data",
-        synthetic_facade,
-        *SYN_P2,
-        "--model",
-        "unet",
-        "--width",
-        4,
-        "--crop",
-        32,
-        "--epochs",
-        1,
-        "--max-steps",
-        1,
-        "--output-dir",
-        out,
-    )
+    flags = [*SYN_P2, *"--model unet --width 4 --crop 32 --epochs 1 --max-steps 1".split()]
+    part2("--data", synthetic_facade, *flags, "--output-dir", out)
     img = tmp_path / "a.png"
     Image.new("RGB", (40, 30)).save(img)
+    ckpt, pred = str(out / "checkpoints/best.pt"), str(tmp_path / "p")
+    argv = ["predict", "--checkpoint", ckpt, str(img), "--max-size", "8", "--output-dir", pred]
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(
-            [
-                "predict",
-                "--checkpoint",
-                str(out / "checkpoints/best.pt"),
-                str(img),
-                "--max-size",
-                "8",
-                "--output-dir",
-                str(tmp_path / "p"),
-            ]
-        )
+        part2_segment.cli_main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--max-size 8" in err[0]
@@ -201,16 +168,8 @@ def test_resume_refuses_a_flag_that_changes_the_run(half_run, argv, flag):
 def test_resume_accepts_speed_flags_and_a_longer_constant_schedule(fm_root, tmp_path):
     run = tmp_path / "const"
     part1(*p1_common(fm_root), "--epochs", 1, "--schedule", "constant", "--output-dir", run)
-    part1(
-        "--resume",
-        run / "checkpoints" / "last.pt",
-        "--epochs",
-        2,
-        "--threads",
-        1,
-        "--eval-batch-size",
-        7,
-    )
+    flags = "--epochs 2 --threads 1 --eval-batch-size 7".split()
+    part1("--resume", run / "checkpoints" / "last.pt", *flags)
     assert [r["epoch"] for r in runfiles.read_csv(run / "metrics.csv")] == [1, 2]
 
 
@@ -274,14 +233,9 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, fm_root):
     )
     with pytest.raises(utils.UserError, match="refusing"):
         runfiles.load_checkpoint(evil)
+    data, out = str(fm_root), str(tmp_path / "out")
     proc = run_script(
-        "part1_classify.py",
-        "--eval-only",
-        str(evil),
-        "--data-root",
-        str(fm_root),
-        "--output-dir",
-        str(tmp_path / "out"),
+        "part1_classify.py", "--eval-only", str(evil), "--data-root", data, "--output-dir", out
     )
     assert_one_line_error(proc, mentions="evil.pt")
     assert not marker.exists() and not (tmp_path / "out").exists()
@@ -326,25 +280,9 @@ def test_amp_metrics_come_from_fp32_scores(synthetic_facade, tmp_path):
     assert scores.dtype == torch.float32
     distinct = scores.unique().numel()
     assert distinct > 2 * scores.bfloat16().float().unique().numel()  # not bf16 values cast up
-    fp32 = part2(
-        "--eval-only",
-        run / "checkpoints" / "best.pt",
-        "--data",
-        synthetic_facade,
-        *SYN_P2,
-        "--output-dir",
-        tmp_path / "fp32",
-    )
-    amp = part2(
-        "--eval-only",
-        run / "checkpoints" / "best.pt",
-        "--data",
-        synthetic_facade,
-        *SYN_P2,
-        "--amp",
-        "--output-dir",
-        tmp_path / "amp",
-    )
+    evaluate = ["--eval-only", run / "checkpoints" / "best.pt", "--data", synthetic_facade, *SYN_P2]
+    fp32 = part2(*evaluate, "--output-dir", tmp_path / "fp32")
+    amp = part2(*evaluate, "--amp", "--output-dir", tmp_path / "amp")
     assert abs(fp32["mean_ap"] - amp["mean_ap"]) < 0.005
     for name in datasets.FACADE_CLASSES:
         assert abs(fp32["ap"][name] - amp["ap"][name]) < 0.01, name
@@ -386,17 +324,10 @@ def test_predict_keeps_same_named_inputs_apart_and_skips_too_large(
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 > 2 x 1000: too large
     out = tmp_path / "pred"
+    ckpt = str(run / "checkpoints/best.pt")
+    argv = ["predict", "--checkpoint", ckpt, *map(str, paths), "--output-dir", str(out)]
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run / "checkpoints/best.pt"),
-                *map(str, paths),
-                "--output-dir",
-                str(out),
-            ]
-        )
+        part2_segment.cli_main(argv)
     assert info.value.code == 1
     assert sorted(p.name for p in out.iterdir()) == [
         "a__x_mask.png",
@@ -408,3 +339,20 @@ def test_predict_keeps_same_named_inputs_apart_and_skips_too_large(
         assert a.size == (24, 20) and b.size == (18, 30)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error:") and "c/x.jpg" in err[0]
+
+
+def test_bf16_hint_only_where_the_hardware_has_it(fm_root, tmp_path, monkeypatch):
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo
+    assert utils.native_bf16(torch.device("cpu")) == native
+    for has_bf16, amp, expect_hint in (
+        (True, [], True),
+        (True, ["--amp"], False),
+        (False, [], False),
+    ):
+        monkeypatch.setattr(runfiles, "native_bf16", lambda device, v=has_bf16: v)
+        run = tmp_path / f"run_{has_bf16}_{bool(amp)}"
+        part1(*p1_common(fm_root), "--epochs", 1, "--max-steps", 1, *amp, "--output-dir", run)
+        assert (
+            "hint: this CPU computes bf16 natively" in (run / "log.txt").read_text()
+        ) == expect_hint
