@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import augment
 import datasets
 import engine
 import runfiles
@@ -280,7 +281,7 @@ def bench_part1(args, device: str, variants, scale: float, peaks: dict) -> list[
         rt = runtime(device, amp, channels_last)
         on = images.to(rt.device), labels.to(rt.device)
         train_loader = datasets.TensorLoader(
-            *on, 500, mean=mean, std=std, train=True, augment=datasets.random_translate_flip
+            *on, 500, mean=mean, std=std, train=True, augment=augment.random_translate_flip
         )
         eval_loader = datasets.TensorLoader(*on, 2000, mean=mean, std=std, train=False)
         name = variant_name(amp, channels_last, compile_model)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import runfiles
+import utils
 from utils import UserError
 
 # Flags that may differ on --resume: they cannot change the result (speed, where and how much
@@ -263,3 +265,22 @@ def _show(value) -> str:
 
 def main_parser(description: str) -> Parser:
     return Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def start(args: argparse.Namespace, *, task: str, defaults: dict, recipes: dict):
+    """The first steps of both scripts: the checkpoint of --resume / --eval-only, the resolved
+    flags, then the runtime they ask for, seeded per rank (different dropout masks and random
+    draws on each rank; DDP keeps the weights in step). Returns (checkpoint or None, runtime)."""
+    ckpt_path = args.resume or args.eval_only
+    ckpt = runfiles.load_checkpoint(ckpt_path, task=task) if ckpt_path else None
+    resolve_args(args, defaults=defaults, recipes=recipes, ckpt=ckpt)
+    rt = utils.setup_runtime(
+        device=args.device,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        channels_last=args.channels_last,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    utils.seed_everything(args.seed + rt.rank)
+    return ckpt, rt

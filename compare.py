@@ -31,27 +31,12 @@ import runfiles
 import utils
 
 OUTPUT_ROOT = Path("outputs") / "compare"
-# Arguments that do not change what is trained (bookkeeping, where and how fast it runs, when it
-# stops on the wall clock): runs differing only in these are repeats of one recipe. amp and
-# channels_last stay in the recipe: they can change the numbers.
+# Arguments that do not change what is trained: the seed, the recorded environment and the flags
+# a resumed run may change (bookkeeping, where and how fast it runs, when it stops). Runs that
+# differ only in these are repeats of one recipe. epochs and channels_last stay in the recipe, as
+# does amp: they can change the numbers.
 NON_RECIPE_ARGS = frozenset(
-    {
-        "seed",
-        "output_dir",
-        "resume",
-        "eval_only",
-        "report_only",
-        "device",
-        "threads",
-        "no_progress",
-        "environment",
-        "time_limit",
-        "stop_after_epochs",
-        "compile",
-        "no_download",
-        "eval_batch_size",
-        "num_examples",
-    }
+    (cli.RESUME_FREE - {"epochs", "channels_last"}) | {"seed", "environment"}
 )
 LABEL_FIRST = ("model", "lr", "epochs", "batch_size")  # named first in a label when they differ
 MAX_LABEL_CHARS = 48
@@ -158,13 +143,8 @@ def load_run(path: Path) -> Run:
         if not isinstance(data[-1], dict):
             raise utils.UserError(f"{file} does not hold a JSON object")
     args, results = data
-    task = (
-        results.get("task")
-        or args.get("task")
-        or next(  # older folders: by the headline
-            (t for t, spec in TASKS.items() if spec.headline in results), None
-        )
-    )
+    by_headline = next((t for t, spec in TASKS.items() if spec.headline in results), None)
+    task = results.get("task") or args.get("task") or by_headline  # older folders: by headline
     if task not in TASKS:
         raise utils.UserError(
             f"cannot tell whether {path} is a Part 1 or a Part 2 run (task "
@@ -234,15 +214,10 @@ def group_runs(runs: list[Run]) -> list[Group]:
         for k in dict.fromkeys([*LABEL_FIRST, *(k for r in recipes for k in r)])
         if len({canonical(r.get(k)) for r in recipes}) > 1
     ]
-    groups = [
-        Group(
-            short_label(r, keys) if keys else format_value(r.get("model", "all runs")),
-            r,
-            {k: r.get(k) for k in keys},
-            group,
-        )
-        for r, group in zip(recipes, members.values())
-    ]
+    groups = []
+    for recipe, group in zip(recipes, members.values()):
+        label = short_label(recipe, keys) if keys else format_value(recipe.get("model", "all runs"))
+        groups.append(Group(label, recipe, {k: recipe.get(k) for k in keys}, group))
     counts, seen = Counter(g.label for g in groups), Counter()
     for group in groups:
         if counts[group.label] > 1:
@@ -278,6 +253,7 @@ def run_row(run: Run, spec: SimpleNamespace) -> dict:
         "train_images_per_s": number(res.get("train_images_per_s")),
     }
     per_class = res.get(spec.per_class)
+    per_class = per_class if isinstance(per_class, dict) else {}
     device, world = str(env.get("gpu") or env.get("device") or ""), env.get("world_size") or 1
     return {
         "name": run.name,
@@ -287,9 +263,7 @@ def run_row(run: Run, spec: SimpleNamespace) -> dict:
         "device": f"{device} x{world}" if world != 1 else device,
         "headline": metrics[spec.headline],
         "metrics": metrics,
-        "per_class": {str(k): number(v) for k, v in per_class.items()}
-        if isinstance(per_class, dict)
-        else {},
+        "per_class": {str(k): number(v) for k, v in per_class.items()},
     }
 
 
@@ -336,15 +310,11 @@ def group_curve(runs: list[Run], column: str) -> tuple[np.ndarray, ...] | None:
         for epoch, value in zip(curves["epoch"], curves[column]):
             if np.isfinite(value):
                 by_epoch.setdefault(epoch, []).append(value)
+    if not by_epoch:
+        return None
     epochs = sorted(by_epoch)
-    return (
-        (
-            np.array(epochs),
-            *(np.array([f(by_epoch[e]) for e in epochs]) for f in (np.mean, np.min, np.max)),
-        )
-        if epochs
-        else None
-    )
+    stats = (np.array([f(by_epoch[e]) for e in epochs]) for f in (np.mean, np.min, np.max))
+    return np.array(epochs), *stats
 
 
 def plot_curves(groups: list[Group], quantity: str, ylabel: str, path: Path) -> bool:
@@ -367,16 +337,8 @@ def plot_curves(groups: list[Group], quantity: str, ylabel: str, path: Path) -> 
                 ax.fill_between(epochs, low, high, color=f"C{k % 10}", alpha=0.2, lw=0)
         if ax.lines:
             ax.legend(fontsize="small")
-        else:
-            ax.text(
-                0.5,
-                0.5,
-                f"no {column} in metrics.csv",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-            )
-        ax.set(title=f"{split} {ylabel}", xlabel="epoch")
+        missing = "" if ax.lines else f" (no {column} in metrics.csv)"
+        ax.set(title=f"{split} {ylabel}{missing}", xlabel="epoch")
         ax.xaxis.set_major_locator(report._plt().MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
@@ -396,14 +358,17 @@ def fmt_stats(name: str, stats: dict) -> str:
 
 
 def render_html(summary: dict, spec: SimpleNamespace, out: Path) -> str:
-    groups, classes, runs = summary["groups"], summary["classes"], summary["runs"]
-    names = [spec.headline, *spec.extras, *RUN_FIELDS]
+    groups, classes, headline = summary["groups"], summary["classes"], spec.headline
+    names = [headline, *spec.extras, *RUN_FIELDS]
     group_rows = [
         [
             g["label"],
             g["n"],
             ", ".join(map(str, g["seeds"])),
-            ", ".join(g["runs"]),
+            ", ".join(
+                f"{run} ({fmt(headline, value)})"
+                for run, value in zip(g["runs"], g["metrics"][headline]["values"])
+            ),
             " ".join(f"{k}={format_value(v)}" for k, v in g["differs"].items())
             or "(only one group)",
         ]
@@ -414,18 +379,6 @@ def render_html(summary: dict, spec: SimpleNamespace, out: Path) -> str:
     ]
     class_rows = [
         [c, *(fmt_stats(spec.per_class, g["per_class"][c]) for g in groups)] for c in classes
-    ]
-    run_rows = [
-        [
-            r["name"],
-            r["group"],
-            r["seed"],
-            r["device"],
-            fmt(spec.headline, r["headline"]),
-            *(fmt(spec.per_class, r["per_class"][c]) for c in classes),
-            *(fmt(m, r["metrics"][m]) for m in RUN_FIELDS),
-        ]
-        for r in runs
     ]
     curves = "".join(
         report.figure_html(
@@ -445,9 +398,12 @@ def render_html(summary: dict, spec: SimpleNamespace, out: Path) -> str:
         (
             "Groups",
             "Runs whose arguments differ only in seed (and bookkeeping such as the output "
-            "folder or device) form one group; the last column lists the arguments that differ "
-            "between groups.",
-            table(["group", "n", "seeds", "runs", "arguments that differ"], group_rows),
+            f"folder or device) form one group, listed with their {TITLES[headline]}; the last "
+            "column lists the arguments that differ between groups.",
+            table(
+                ["group", "n", "seeds", f"runs ({TITLES[headline]})", "arguments that differ"],
+                group_rows,
+            ),
         ),
         (
             "Headline metrics per group",
@@ -471,26 +427,36 @@ def render_html(summary: dict, spec: SimpleNamespace, out: Path) -> str:
         ),
         (
             "Per run",
-            f"Each run folder with its {TITLES[spec.headline]}, "
-            f"{spec.per_class_title.lower()}, epochs trained, wall-clock training time and "
-            "training throughput.",
+            f"Each run folder with its {TITLES[headline]}, {spec.per_class_title.lower()}, "
+            "epochs trained, wall-clock training time and training throughput.",
             table(
                 [
                     "run",
                     "group",
                     "seed",
                     "device",
-                    TITLES[spec.headline],
+                    TITLES[headline],
                     *classes,
                     *(TITLES[m] for m in RUN_FIELDS),
                 ],
-                run_rows,
+                [
+                    [
+                        r["name"],
+                        r["group"],
+                        r["seed"],
+                        r["device"],
+                        fmt(headline, r["headline"]),
+                        *(fmt(spec.per_class, r["per_class"].get(c)) for c in classes),
+                        *(fmt(m, r["metrics"][m]) for m in RUN_FIELDS),
+                    ]
+                    for r in summary["runs"]
+                ],
             ),
         ),
     ]
     intro = (
-        f"{len(runs)} runs in {len(groups)} group(s); headline metric "
-        f"{TITLES[spec.headline]}; created {summary['created']}."
+        f"{len(summary['runs'])} runs in {len(groups)} group(s); headline metric "
+        f"{TITLES[headline]}; created {summary['created']}."
     )
     return report.html_page(
         f"Run comparison, {spec.title}",
@@ -540,11 +506,10 @@ def compare_runs(run_dirs: list, output_dir: str | Path | None = None) -> dict:
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> cli.Parser:
     parser = cli.main_parser(__doc__)
+    ignored = ", ".join(sorted(NON_RECIPE_ARGS))
     parser.epilog = textwrap.fill(
-        "Arguments ignored when grouping: "
-        + ", ".join(sorted(NON_RECIPE_ARGS))
-        + " (the number of processes, environment.world_size, does "
-        "count).",
+        f"Arguments ignored when grouping: {ignored} (the number of processes, "
+        "environment.world_size, does count).",
         width=79,
     )
     parser.add_argument(
@@ -569,13 +534,11 @@ def run(args) -> None:
         summary = compare_runs(args.runs, args.output_dir)
     except OSError as exc:  # e.g. an unwritable output folder: one line too
         raise utils.UserError(" ".join(str(exc).split())) from None
-    key = summary["headline"]
-    rows = [
-        ("group", "n", key),
-        *((g["label"], str(g["n"]), fmt_stats(key, g["metrics"][key])) for g in summary["groups"]),
-    ]
-    width = [max(len(row[i]) for row in rows) for i in range(2)]
-    print("\n".join(f"{a:<{width[0]}}  {b:>{width[1]}}  {c}" for a, b, c in rows))
+    key, groups = summary["headline"], summary["groups"]
+    width = max(len("group"), *(len(g["label"]) for g in groups))
+    print(f"{'group':<{width}}  {'n':>3}  {key}")
+    for g in groups:
+        print(f"{g['label']:<{width}}  {g['n']:>3}  {fmt_stats(key, g['metrics'][key])}")
     print(f"report: {summary['html']}")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import augment
 import cli
 import datasets
 import engine
@@ -61,8 +62,8 @@ RECIPES = {
 }
 AUGMENTATIONS = {
     "none": None,
-    "translate_flip": datasets.random_translate_flip,
-    "translate_flip_erase": datasets.random_translate_flip_erase,
+    "translate_flip": augment.random_translate_flip,
+    "translate_flip_erase": augment.random_translate_flip_erase,
 }
 FIGURES = [
     *report.TRAINING_FIGURES,
@@ -178,41 +179,23 @@ def load_data(args, rt: utils.Runtime, ckpt: dict | None):
     )
 
 
-def build_loaders(args, rt: utils.Runtime, splits: dict, normalization: dict):
-    common = dict(
-        mean=normalization["mean"],
-        std=normalization["std"],
-        seed=args.seed,
-        rank=rt.rank,
-        world_size=rt.world_size,
-    )
-    train = datasets.TensorLoader(
-        *splits["train"], args.batch_size, train=True, augment=AUGMENTATIONS[args.augment], **common
-    )
-    val = datasets.TensorLoader(*splits["val"], args.eval_batch_size, train=False, **common)
-    test = datasets.TensorLoader(*splits["test"], args.eval_batch_size, train=False, **common)
-    return train, val, test
-
-
 def main(args) -> dict:
     """Train (or --resume, or --eval-only), test the best epoch, write the run folder; returns
     what results.json holds (rank 0) or the raw test metrics (other ranks)."""
     if args.report_only:
         return rebuild_report(Path(args.report_only))
-    ckpt_path = args.resume or args.eval_only
-    ckpt = runfiles.load_checkpoint(ckpt_path, task=TASK) if ckpt_path else None
-    cli.resolve_args(args, defaults=DEFAULTS, recipes=RECIPES, ckpt=ckpt)
-    rt = utils.setup_runtime(
-        device=args.device,
-        amp=args.amp,
-        amp_dtype=args.amp_dtype,
-        channels_last=args.channels_last,
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
-    utils.seed_everything(args.seed + rt.rank)  # per-rank dropout masks; DDP syncs the weights
+    ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
     splits, normalization = load_data(args, rt, ckpt)  # bad data stops before the run folder
-    train_loader, val_loader, test_loader = build_loaders(args, rt, splits, normalization)
+    train_loader, val_loader, test_loader = datasets.split_loaders(
+        splits,
+        normalization,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        seed=args.seed,
+        rank=rt.rank,
+        world_size=rt.world_size,
+        augment=AUGMENTATIONS[args.augment],
+    )
     net = models.build_model(args.model, num_classes=len(NAMES))
     model, model_without_ddp = utils.prepare_model(
         net, rt, compile_model=args.compile, sync_bn=args.sync_bn

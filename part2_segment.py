@@ -15,11 +15,13 @@ checkpoints/{last,best}.pt.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 import torch
 
+import augment
 import cli
 import datasets
 import engine
@@ -168,9 +170,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def model_kwargs(args) -> dict:
-    return {"num_classes": NUM_CLASSES} | (
-        {"width": args.width, "depth": 4} if args.model == "unet" else {}
-    )
+    unet = {"width": args.width, "depth": 4} if args.model == "unet" else {}
+    return {"num_classes": NUM_CLASSES} | unet
 
 
 def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
@@ -188,22 +189,18 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
         images, labels = datasets.load_facade_split(
             folders[name], *getattr(args, f"{name}_range"), NUM_CLASSES
         )
-        check_size(images, name, multiple)
+        h, w = images.shape[-2:]
+        if h % multiple or w % multiple:
+            raise utils.UserError(
+                f"{name} images are {w}x{h}; this model needs sides divisible by "
+                f"{multiple} (predict pads any size; for training, crop or resize "
+                "the data)"
+            )
         splits[name] = (images.to(rt.device), labels.to(rt.device))
     if args.eval_only:
         empty = tuple(t[:0] for t in splits["test"])
         splits |= {"train": empty, "val": empty}
     return splits
-
-
-def check_size(images: torch.Tensor, split: str, multiple: int) -> None:
-    h, w = images.shape[-2:]
-    if h % multiple or w % multiple:
-        raise utils.UserError(
-            f"{split} images are {w}x{h}; this model needs sides divisible by "
-            f"{multiple} (predict pads any size; for training, crop or resize "
-            "the data)"
-        )
 
 
 def make_loss(name: str, train_labels: torch.Tensor) -> engine.CrossEntropy:
@@ -216,47 +213,12 @@ def make_loss(name: str, train_labels: torch.Tensor) -> engine.CrossEntropy:
     return engine.CrossEntropyDice((weights / weights.mean()).float(), NUM_CLASSES)
 
 
-def build_loaders(args, rt: utils.Runtime, splits: dict, normalization: dict):
-    common = dict(
-        mean=normalization["mean"],
-        std=normalization["std"],
-        seed=args.seed,
-        rank=rt.rank,
-        world_size=rt.world_size,
-    )
-    augment = None
-    if args.augment == "scale_crop_flip_jitter":
-
-        def augment(x, y, g, rows, total):
-            return datasets.random_scale_crop_flip_jitter(
-                x, y, g, rows, total, crop=args.crop, scale_range=tuple(args.crop_scale)
-            )
-
-    train = datasets.TensorLoader(
-        *splits["train"], args.batch_size, train=True, augment=augment, **common
-    )
-    val = datasets.TensorLoader(*splits["val"], args.eval_batch_size, train=False, **common)
-    test = datasets.TensorLoader(*splits["test"], args.eval_batch_size, train=False, **common)
-    return train, val, test
-
-
 def main(args) -> dict:
     """Train (or --resume, or --eval-only), test the best epoch, write the run folder; returns
     what results.json holds (rank 0) or the raw test metrics (other ranks)."""
     if args.report_only:
         return rebuild_report(Path(args.report_only))
-    ckpt_path = args.resume or args.eval_only
-    ckpt = runfiles.load_checkpoint(ckpt_path, task=TASK) if ckpt_path else None
-    cli.resolve_args(args, defaults=DEFAULTS, recipes=RECIPES, ckpt=ckpt)
-    rt = utils.setup_runtime(
-        device=args.device,
-        amp=args.amp,
-        amp_dtype=args.amp_dtype,
-        channels_last=args.channels_last,
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
-    utils.seed_everything(args.seed + rt.rank)  # per-rank random draws; DDP syncs the weights
+    ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
     net = models.build_model(args.model, **(ckpt["model_kwargs"] if ckpt else model_kwargs(args)))
     if args.crop % net.size_multiple:
         raise utils.UserError(
@@ -268,7 +230,23 @@ def main(args) -> dict:
         if ckpt
         else dict(zip(("mean", "std"), datasets.channel_stats(splits["train"][0])))
     )
-    train_loader, val_loader, test_loader = build_loaders(args, rt, splits, normalization)
+    augment_batch = None
+    if args.augment == "scale_crop_flip_jitter":
+        augment_batch = functools.partial(
+            augment.random_scale_crop_flip_jitter,
+            crop=args.crop,
+            scale_range=tuple(args.crop_scale),
+        )
+    train_loader, val_loader, test_loader = datasets.split_loaders(
+        splits,
+        normalization,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        seed=args.seed,
+        rank=rt.rank,
+        world_size=rt.world_size,
+        augment=augment_batch,
+    )
     h, w = splits["test"][0].shape[-2:]
     flops = models.forward_flops(net, (1, 3, h, w))
     model, model_without_ddp = utils.prepare_model(
@@ -316,32 +294,30 @@ def main(args) -> dict:
         PixelScores(NUM_CLASSES),
         desc="test",
     )
-    if rt.is_main:
+    if rt.is_main:  # rank 0 alone draws the prediction figure, with the unwrapped model
+        predict.plot_predictions(
+            model_without_ddp,
+            rt,
+            splits["test"],
+            normalization,
+            args.num_examples,
+            run_dir / "figures/predictions.png",
+        )
         tested |= {
             "model": args.model,
             "gflops_per_image": flops / 1e9,
             "image_size": [int(h), int(w)],
             "normalization": normalization,
         }
-        results = write_outputs(
-            run_dir, results | tested, model_without_ddp, rt, splits["test"], args.num_examples, log
-        )
+        results = write_outputs(run_dir, results, tested, model_without_ddp, log)
     runfiles.close_logger(log)
     utils.cleanup_runtime(rt)
     return results
 
 
-def write_outputs(run_dir: Path, test: dict, model, rt, test_split, num_examples: int, log) -> dict:
-    """results.json, every figure and report.html of a finished training or --eval-only.
-    Rank 0 alone runs the prediction figure's forward pass, on the unwrapped model."""
-    plot_predictions(
-        model,
-        rt,
-        test_split,
-        test["normalization"],
-        num_examples,
-        run_dir / "figures/predictions.png",
-    )
+def write_outputs(run_dir: Path, test: dict, tested: dict, model, log) -> dict:
+    """results.json, the other figures and report.html of a finished training or --eval-only:
+    the test metrics, then what ``tested`` says of the checkpoint, model and data."""
     per_class = {k: dict(zip(NAMES, test[k])) for k in ("ap", "ap_softmax", "iou", "pr_curves")}
     results = {
         "task": TASK,
@@ -358,26 +334,13 @@ def write_outputs(run_dir: Path, test: dict, model, rt, test_split, num_examples
         "pr_curves": per_class["pr_curves"],
         "parameters": models.count_parameters(model),
     }
-    keep = (
-        "checkpoint",
-        "checkpoint_epoch",
-        "model",
-        "gflops_per_image",
-        "image_size",
-        "normalization",
-    )
-    return publish(run_dir, results | {k: test[k] for k in keep}, log)
+    return publish(run_dir, results | tested, log)
 
 
 def rebuild_report(run_dir: Path) -> dict:
     """--report-only: figures and report.html again from results.json and metrics.csv (the
     prediction figure needs the model and is kept as it is)."""
-    if not (run_dir / "results.json").is_file():
-        raise utils.UserError(f"{run_dir} has no results.json: not a finished Part 2 run folder")
-    results = runfiles.read_json(run_dir / "results.json")
-    if "mean_ap" not in results:
-        raise utils.UserError(f"{run_dir} is not a Part 2 run folder")
-    return publish(run_dir, results, None)
+    return publish(run_dir, report.read_results(run_dir, "mean_ap", "Part 2"), None)
 
 
 def publish(run_dir: Path, results: dict, log) -> dict:
@@ -390,7 +353,13 @@ def publish(run_dir: Path, results: dict, log) -> dict:
         f"Per-class AP on test pixels (mean {results['mean_ap']:.4f})",
         reference=list(REFERENCE_AP.values()),
     )
-    plot_pr_curves(results.get("pr_curves", {}), run_dir / "figures/pr_curves.png")
+    report.plot_pr_curves(
+        results.get("pr_curves", {}),
+        NAMES,
+        datasets.FACADE_PALETTE,
+        run_dir / "figures/pr_curves.png",
+        "Precision-recall per class (test pixels)",
+    )
     return report.finish_run(run_dir, results, report_page(results), NAMES, log)
 
 
@@ -403,78 +372,18 @@ def report_page(results: dict) -> report.Page:
         ("mIoU", f"{results['miou']:.4f}", ""),
         ("pixel accuracy", f"{results['pixel_accuracy']:.4f}", ""),
         ("GFLOP per image", f"{results['gflops_per_image']:.1f}", "38.8"),
-        ("tested checkpoint", f"{results['checkpoint']} (epoch {results['checkpoint_epoch']})", ""),
+        *report.checkpoint_rows(results),
     ]
-    if "epochs_trained" in results:
-        summary += [
-            ("epochs", str(results["epochs_trained"]), ""),
-            ("training time", report.duration(results["train_time_s"]), ""),
-        ]
+    ap, softmax, iou = results["ap"], results["ap_softmax"], results["iou"]
     table = [
-        [
-            n,
-            f"{results['ap'][n]:.4f}",
-            f"{REFERENCE_AP[n]:.3f}",
-            f"{results['ap_softmax'][n]:.4f}",
-            f"{results['iou'][n]:.4f}",
-        ]
+        [n, f"{ap[n]:.4f}", f"{REFERENCE_AP[n]:.3f}", f"{softmax[n]:.4f}", f"{iou[n]:.4f}"]
         for n in NAMES
     ]
-    tables = [
-        (
-            "Per-class results on test pixels",
-            ["class", "AP", "reference AP", "AP (softmax)", "IoU"],
-            table,
-        )
-    ]
+    header = ["class", "AP", "reference AP", "AP (softmax)", "IoU"]
+    tables = [("Per-class results on test pixels", header, table)]
     lines = [f"{n}: AP = {results['ap'][n]:.4f}" for n in NAMES]
     lines.append(f"Mean AP = {results['mean_ap']:.4f}")
     return report.Page("Part 2: facade semantic segmentation", summary, tables, FIGURES, lines)
-
-
-def plot_predictions(model, rt, test_split, normalization, count: int, path: Path) -> None:
-    """image | ground truth | prediction for ``count`` evenly spaced (fixed) test images, two
-    to a row, with the class colours' key under them."""
-    images, labels = test_split
-    picks = torch.linspace(0, len(images) - 1, min(count, len(images))).long().tolist()
-    x = datasets.normalize(images[picks], normalization["mean"], normalization["std"])
-    preds = predict.predict_logits(model, rt, x, model.size_multiple).argmax(1).cpu()
-    tiles, titles = [], []
-    for k, i in enumerate(picks):
-        tiles += [
-            images[i].permute(1, 2, 0).cpu().numpy(),
-            datasets.colorize(labels[i].cpu()),
-            datasets.colorize(preds[k]),
-        ]
-        titles += [f"test image {i}", f"image {i}: ground truth", f"image {i}: prediction"]
-    report.plot_image_grid(
-        tiles,
-        titles,
-        path,
-        cols=6 if len(picks) > 1 else 3,
-        tile=1.9,
-        title="Test predictions",
-        legend=list(zip(NAMES, datasets.FACADE_PALETTE)),
-    )
-
-
-def plot_pr_curves(curves: dict, path: Path) -> None:
-    """Precision-recall curve per class over all test pixels (raw scores)."""
-    fig, ax = report._plt().subplots(figsize=(6, 5))
-    for c, name in enumerate(NAMES):
-        if curves.get(name):
-            color = [v / 255 for v in datasets.FACADE_PALETTE[c]] if c else "gray"
-            ax.plot(curves[name]["recall"], curves[name]["precision"], label=name, color=color)
-    ax.set(
-        xlabel="recall",
-        ylabel="precision",
-        title="Precision-recall per class (test pixels)",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    report.save_figure(fig, path)
 
 
 def cli_main(argv=None) -> None:

@@ -1,5 +1,6 @@
 """``part2_segment.py predict``: segment photos of any size with a trained Part 2 checkpoint.
-Writes NAME_mask.png (the dataset's class colours) and NAME_overlay.png for every image."""
+Writes NAME_mask.png (the dataset's class colours) and NAME_overlay.png for every image. Also
+the prediction figure of a Part 2 run (``plot_predictions``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image
 import cli
 import datasets
 import models
+import report
 import runfiles
 import utils
 
@@ -125,3 +127,29 @@ def segment_image(
     if scale < 1:
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
     return logits.argmax(1)[0].cpu()
+
+
+def plot_predictions(model, rt, test_split, normalization, count: int, path: Path) -> None:
+    """image | ground truth | prediction for ``count`` evenly spaced (fixed) test images, two
+    to a row, with the class colours' key under them."""
+    images, labels = test_split
+    picks = torch.linspace(0, len(images) - 1, min(count, len(images))).long().tolist()
+    x = datasets.normalize(images[picks], normalization["mean"], normalization["std"])
+    preds = predict_logits(model, rt, x, model.size_multiple).argmax(1).cpu()
+    tiles, titles = [], []
+    for k, i in enumerate(picks):
+        tiles += [
+            images[i].permute(1, 2, 0).cpu().numpy(),
+            datasets.colorize(labels[i].cpu()),
+            datasets.colorize(preds[k]),
+        ]
+        titles += [f"test image {i}", f"image {i}: ground truth", f"image {i}: prediction"]
+    report.plot_image_grid(
+        tiles,
+        titles,
+        path,
+        cols=6 if len(picks) > 1 else 3,
+        tile=1.9,
+        title="Test predictions",
+        legend=list(zip(datasets.FACADE_CLASSES, datasets.FACADE_PALETTE)),
+    )

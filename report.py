@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import runfiles
+from utils import UserError
 
 
 @dataclass
@@ -131,6 +132,22 @@ def plot_confusion(matrix, names: list[str], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def plot_pr_curves(
+    curves: dict, names: list[str], palette: list[tuple[int, int, int]], path: Path, title: str
+) -> None:
+    """Precision-recall curve per class: ``curves[name]`` holds its "recall" and "precision";
+    a class without one is left out. Lines take the class's RGB colour, grey for black."""
+    fig, ax = _plt().subplots(figsize=(6, 5))
+    for name, rgb in zip(names, palette):
+        if curves.get(name):
+            color = [v / 255 for v in rgb] if any(rgb) else "gray"
+            ax.plot(curves[name]["recall"], curves[name]["precision"], label=name, color=color)
+    ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
 def plot_image_grid(
     images: list,
     titles: list[str],
@@ -204,6 +221,31 @@ def plot_filters(weight: torch.Tensor, path: Path, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the run's outputs
+def read_results(run_dir: Path, headline: str, part: str) -> dict:
+    """results.json of a finished run folder of ``part`` (--report-only), which must hold the
+    part's ``headline`` metric."""
+    if not (run_dir / "results.json").is_file():
+        raise UserError(f"{run_dir} has no results.json: not a finished {part} run folder")
+    results = runfiles.read_json(run_dir / "results.json")
+    if headline not in results:
+        raise UserError(f"{run_dir} is not a {part} run folder")
+    return results
+
+
+def checkpoint_rows(results: dict) -> list[tuple[str, str, str]]:
+    """Summary rows of both parts: the tested checkpoint and, if this run trained, its epochs and
+    training time."""
+    rows = [
+        ("tested checkpoint", f"{results['checkpoint']} (epoch {results['checkpoint_epoch']})", "")
+    ]
+    if "epochs_trained" in results:
+        rows += [
+            ("epochs", str(results["epochs_trained"]), ""),
+            ("training time", duration(results["train_time_s"]), ""),
+        ]
+    return rows
+
+
 def add_training_summary(run_dir: Path, results: dict) -> dict:
     """Epochs, training time and rate from metrics.csv (absent for --eval-only folders)."""
     rows = runfiles.read_csv(run_dir / "metrics.csv")

@@ -117,26 +117,9 @@ def test_part1_report_only_not_a_run(tmp_path):
 # ----------------------------------------------------------------------------- Part 2
 def _part2(data, tmp_path, *extra):
     run_dir = tmp_path / "run"
-    proc = run_script(
-        "part2_segment.py",
-        "--data",
-        str(data),
-        "--train-range",
-        "0",
-        "9",
-        "--val-range",
-        "10",
-        "11",
-        "--test-range",
-        "0",
-        "3",
-        "--epochs",
-        "1",
-        "--output-dir",
-        str(run_dir),
-        "--no-progress",
-        *extra,
-    )
+    flags = "--train-range 0 9 --val-range 10 11 --test-range 0 3 --epochs 1".split()
+    argv = ["--data", str(data), *flags, "--output-dir", str(run_dir), "--no-progress", *extra]
+    proc = run_script("part2_segment.py", *argv)
     return proc, run_dir
 
 
@@ -241,14 +224,9 @@ def test_part2_rejects_classification_checkpoint(tmp_path, synthetic_facade):
 def test_predict_bad_checkpoint(tmp_path):
     img = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(img)
+    missing, out = str(tmp_path / "missing.pt"), str(tmp_path / "out")
     proc = run_script(
-        "part2_segment.py",
-        "predict",
-        "--checkpoint",
-        str(tmp_path / "missing.pt"),
-        str(img),
-        "--output-dir",
-        str(tmp_path / "out"),
+        "part2_segment.py", "predict", "--checkpoint", missing, str(img), "--output-dir", out
     )
     assert_one_line_error(proc, mentions="missing.pt")
     assert not (tmp_path / "out").exists()

@@ -14,6 +14,8 @@ import runfiles
 from conftest import REPO
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# the synthetic facade set's train / val / test images
+P2_RANGES = "--train-range 0 7 --val-range 8 10 --test-range 0 2".split()
 
 
 def torchrun(script: str, *args: str) -> None:
@@ -48,16 +50,8 @@ def assert_rows_close(rows_a, rows_b, keys, tol):
 def part1_runs(fashion_root, tmp_path_factory):
     """The same training as 2 processes x batch 100 and as 1 process x batch 200."""
     base = tmp_path_factory.mktemp("ddp1")
-    common = [
-        "--data-root",
-        str(fashion_root),
-        "--train-limit",
-        "1000",
-        "--epochs",
-        "2",
-        "--eval-batch-size",
-        "300",
-    ]
+    flags = "--train-limit 1000 --epochs 2 --eval-batch-size 300".split()
+    common = ["--data-root", str(fashion_root), *flags]
     torchrun("part1_classify.py", *common, "--batch-size", "100", "--output-dir", str(base / "ddp"))
     part1(*common, "--batch-size", "200", "--output-dir", str(base / "single"), "--threads", "2")
     return base, common
@@ -79,13 +73,8 @@ def test_part1_ddp_training_matches_single_process(part1_runs):
 def test_part1_ddp_evaluation_equals_single_process(part1_runs, tmp_path):
     base, common = part1_runs
     ddp = runfiles.read_json(base / "ddp" / "results.json")
-    single_eval = part1(
-        *common,
-        "--eval-only",
-        str(base / "ddp" / "checkpoints" / "best.pt"),
-        "--output-dir",
-        str(tmp_path),
-    )
+    best = base / "ddp" / "checkpoints" / "best.pt"
+    single_eval = part1(*common, "--eval-only", str(best), "--output-dir", str(tmp_path))
     assert ddp["confusion_matrix"] == single_eval["confusion_matrix"]
     assert (
         sum(map(sum, ddp["confusion_matrix"])) == 10000
@@ -96,25 +85,10 @@ def test_part1_ddp_evaluation_equals_single_process(part1_runs, tmp_path):
 def test_part1_resume_under_torchrun(part1_runs, tmp_path):
     base, common = part1_runs
     run = tmp_path / "resumed"
-    torchrun(
-        "part1_classify.py",
-        *common,
-        "--batch-size",
-        "100",
-        "--output-dir",
-        str(run),
-        "--stop-after-epochs",
-        "1",
-    )
+    ddp = ["part1_classify.py", *common, "--batch-size", "100"]
+    torchrun(*ddp, "--output-dir", str(run), "--stop-after-epochs", "1")
     assert len(runfiles.read_csv(run / "metrics.csv")) == 1
-    torchrun(
-        "part1_classify.py",
-        *common,
-        "--batch-size",
-        "100",
-        "--resume",
-        str(run / "checkpoints" / "last.pt"),
-    )
+    torchrun(*ddp, "--resume", str(run / "checkpoints" / "last.pt"))
     resumed, straight = (
         runfiles.read_csv(run / "metrics.csv"),
         runfiles.read_csv(base / "ddp" / "metrics.csv"),
@@ -129,23 +103,8 @@ def test_part1_resume_under_torchrun(part1_runs, tmp_path):
 
 
 def test_part2_ddp_matches_single_process(synthetic_facade, tmp_path):
-    common = [
-        "--data",
-        str(synthetic_facade),
-        "--train-range",
-        "0",
-        "7",
-        "--val-range",
-        "8",
-        "10",
-        "--test-range",
-        "0",
-        "2",
-        "--epochs",
-        "2",
-        "--eval-batch-size",
-        "2",
-    ]
+    flags = [*P2_RANGES, *"--epochs 2 --eval-batch-size 2".split()]
+    common = ["--data", str(synthetic_facade), *flags]
     torchrun(
         "part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "ddp")
     )
@@ -156,13 +115,8 @@ def test_part2_ddp_matches_single_process(synthetic_facade, tmp_path):
     )
     assert_rows_close(ddp_rows, single_rows, ["train_loss", "val_loss"], 1e-4)
     ddp = runfiles.read_json(tmp_path / "ddp" / "results.json")
-    again = part2(
-        *common,
-        "--eval-only",
-        str(tmp_path / "ddp" / "checkpoints" / "best.pt"),
-        "--output-dir",
-        str(tmp_path / "eval"),
-    )
+    best = tmp_path / "ddp" / "checkpoints" / "best.pt"
+    again = part2(*common, "--eval-only", str(best), "--output-dir", str(tmp_path / "eval"))
     assert ddp["confusion_matrix"] == again["confusion_matrix"]
     assert list(ddp["ap"].values()) == pytest.approx(
         list(again["ap"].values()), abs=1e-6, nan_ok=True
@@ -171,61 +125,24 @@ def test_part2_ddp_matches_single_process(synthetic_facade, tmp_path):
 
 
 def test_bf16_amp_on_cpu(fashion_root, synthetic_facade, tmp_path):
-    r1 = part1(
-        "--data-root",
-        str(fashion_root),
-        "--train-limit",
-        "1000",
-        "--epochs",
-        "1",
-        "--amp",
-        "--channels-last",
-        "--output-dir",
-        str(tmp_path / "p1"),
-    )
+    flags = "--train-limit 1000 --epochs 1 --amp --channels-last".split()
+    r1 = part1("--data-root", str(fashion_root), *flags, "--output-dir", str(tmp_path / "p1"))
     assert 0.05 < r1["test_accuracy"] <= 1
     ckpt = torch.load(tmp_path / "p1" / "checkpoints" / "last.pt", weights_only=False)
     assert "scaler" in ckpt and ckpt["args"]["amp"] and ckpt["args"]["amp_dtype"] == "bf16"
     rows = runfiles.read_csv(tmp_path / "p1" / "metrics.csv")
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
-    r2 = part2(
-        "--data",
-        str(synthetic_facade),
-        "--train-range",
-        "0",
-        "7",
-        "--val-range",
-        "8",
-        "10",
-        "--test-range",
-        "0",
-        "2",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--amp",
-        "--output-dir",
-        str(tmp_path / "p2"),
-    )
+    flags = [*P2_RANGES, *"--epochs 1 --batch-size 4 --amp".split()]
+    r2 = part2("--data", str(synthetic_facade), *flags, "--output-dir", str(tmp_path / "p2"))
     assert 0 < r2["mean_ap"] <= 1
 
 
 def test_fp16_needs_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the check is for CPU-only machines")
+    flags = "--amp --amp-dtype fp16 --device cpu".split()
     proc = subprocess.run(
-        [
-            sys.executable,
-            "part1_classify.py",
-            "--amp",
-            "--amp-dtype",
-            "fp16",
-            "--device",
-            "cpu",
-            "--output-dir",
-            str(tmp_path / "x"),
-        ],
+        [sys.executable, "part1_classify.py", *flags, "--output-dir", str(tmp_path / "x")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -250,13 +167,9 @@ def torchrun_proc(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_user_error_on_one_rank_ends_every_rank(tmp_path):
     """Rank 0 alone looks for the data (the other rank waits at a barrier): its one-line error
     must end the whole job, with the error's exit code, instead of leaving rank 1 hanging."""
+    data, run = str(tmp_path / "absent"), str(tmp_path / "run")
     proc = torchrun_proc(
-        "part1_classify.py",
-        "--data-root",
-        str(tmp_path / "absent"),
-        "--no-download",
-        "--output-dir",
-        str(tmp_path / "run"),
+        "part1_classify.py", "--data-root", data, "--no-download", "--output-dir", run
     )
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -266,16 +179,9 @@ def test_user_error_on_one_rank_ends_every_rank(tmp_path):
 
 def test_sync_bn_on_cpu_is_a_clear_error(make_fashion_root, tmp_path):
     root = make_fashion_root(tmp_path / "fm")
+    flags = "--no-download --model fashion_net --sync-bn".split()
     proc = torchrun_proc(
-        "part1_classify.py",
-        "--data-root",
-        str(root),
-        "--no-download",
-        "--model",
-        "fashion_net",
-        "--sync-bn",
-        "--output-dir",
-        str(tmp_path / "r"),
+        "part1_classify.py", "--data-root", str(root), *flags, "--output-dir", str(tmp_path / "r")
     )
     assert proc.returncode != 0
     assert any(line.startswith("error: --sync-bn needs CUDA") for line in proc.stderr.splitlines())
@@ -286,42 +192,19 @@ def test_empty_shard_and_time_limit_under_torchrun(synthetic_facade, tmp_path):
     """One validation and one test image for two ranks (rank 1's shards are empty) and a time
     limit that passes during epoch 1: both ranks stop together, and the test numbers equal one
     process's evaluation of the same checkpoint."""
-    common = [
-        "--data",
-        str(synthetic_facade),
-        "--train-range",
-        "0",
-        "7",
-        "--val-range",
-        "8",
-        "8",
-        "--test-range",
-        "0",
-        "0",
-        "--epochs",
-        "3",
-        "--time-limit",
-        "0.0001",
-        "--model",
-        "unet",
-        "--width",
-        "4",
-        "--crop",
-        "32",
-    ]
+    flags = (
+        "--train-range 0 7 --val-range 8 8 --test-range 0 0 --epochs 3 --time-limit 0.0001"
+        " --model unet --width 4 --crop 32"
+    )
+    common = ["--data", str(synthetic_facade), *flags.split()]
     torchrun("part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "d"))
     part2(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "s"), "--threads", "2")
     ddp, single = (runfiles.read_csv(tmp_path / n / "metrics.csv") for n in ("d", "s"))
     assert len(ddp) == len(single) == 1
     assert torch.isfinite(torch.tensor(ddp[0]["val_loss"]))
     assert "time limit" in (tmp_path / "d" / "log.txt").read_text()
-    ddp_eval = part2(
-        *common,
-        "--eval-only",
-        str(tmp_path / "d" / "checkpoints" / "best.pt"),
-        "--output-dir",
-        str(tmp_path / "e"),
-    )
+    best = tmp_path / "d" / "checkpoints" / "best.pt"
+    ddp_eval = part2(*common, "--eval-only", str(best), "--output-dir", str(tmp_path / "e"))
     ddp_res = runfiles.read_json(tmp_path / "d" / "results.json")
     assert ddp_eval["test_loss"] == pytest.approx(ddp_res["test_loss"], rel=1e-6)
     assert ddp_eval["confusion_matrix"] == ddp_res["confusion_matrix"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import augment
 import datasets
 import utils
 from conftest import make_facade_set
@@ -64,7 +65,7 @@ def test_loader_normalizes():
 
 
 @pytest.mark.parametrize(
-    "augment", [None, datasets.random_translate_flip], ids=["plain", "translate_flip"]
+    "augment", [None, augment.random_translate_flip], ids=["plain", "translate_flip"]
 )
 def test_ddp_rank_slices_equal_single_process_global_batch(augment):
     images, labels = _data(n=26)
@@ -168,7 +169,7 @@ def test_random_translate_flip_pad0_is_identity_or_flip():
     images, labels = _data(n=16, c=2, h=5, w=7)
     x = images.float() / 255
     g = torch.Generator().manual_seed(0)
-    out, y = datasets.random_translate_flip(x, labels, g, slice(None), len(x), pad=0)
+    out, y = augment.random_translate_flip(x, labels, g, slice(None), len(x), pad=0)
     assert out.shape == x.shape and torch.equal(y, labels)
     flipped = 0
     for i in range(len(x)):
@@ -180,7 +181,7 @@ def test_random_translate_flip_pad0_is_identity_or_flip():
 
 def test_random_translate_flip_shifts_with_zero_fill():
     x = torch.rand(32, 1, 8, 8) + 0.5  # no zeros in the input
-    out, _ = datasets.random_translate_flip(
+    out, _ = augment.random_translate_flip(
         x, torch.zeros(32), torch.Generator().manual_seed(1), slice(None), 32, pad=2
     )
     assert out.shape == x.shape
@@ -199,7 +200,7 @@ def test_random_translate_flip_shifts_with_zero_fill():
 def test_random_scale_crop_flip_jitter_shapes_and_labels():
     x = torch.rand(3, 3, 20, 20)
     y = torch.randint(0, 5, (3, 20, 20))
-    xo, yo = datasets.random_scale_crop_flip_jitter(
+    xo, yo = augment.random_scale_crop_flip_jitter(
         x, y, torch.Generator().manual_seed(0), slice(None), 3, crop=16
     )
     assert xo.shape == (3, 3, 16, 16) and yo.shape == (3, 16, 16)

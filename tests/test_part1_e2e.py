@@ -38,20 +38,9 @@ def run_part1(*argv):
 @pytest.fixture(scope="module")
 def part1_run(fashion_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("part1") / "run"
+    flags = "--no-download --train-limit 2000 --epochs 2 --eval-batch-size 2000".split()
     returned = run_part1(
-        "--data-root",
-        fashion_data.root,
-        "--no-download",
-        "--train-limit",
-        2000,
-        "--epochs",
-        2,
-        "--eval-batch-size",
-        2000,
-        "--output-dir",
-        out,
-        "--threads",
-        2,
+        "--data-root", fashion_data.root, *flags, "--output-dir", out, "--threads", 2
     )
     return out, returned
 
@@ -196,18 +185,10 @@ def test_eval_only_reproduces(part1_run, fashion_data, tmp_path):
     run_dir, _ = part1_run
     res = runfiles.read_json(run_dir / "results.json")
     other = tmp_path / "eval"
+    best = run_dir / "checkpoints" / "best.pt"
+    flags = "--no-download --train-limit 2000 --eval-batch-size 2000".split()
     out = run_part1(
-        "--eval-only",
-        run_dir / "checkpoints" / "best.pt",
-        "--data-root",
-        fashion_data.root,
-        "--no-download",
-        "--train-limit",
-        2000,
-        "--eval-batch-size",
-        2000,
-        "--output-dir",
-        other,
+        "--eval-only", best, "--data-root", fashion_data.root, *flags, "--output-dir", other
     )
     res2 = runfiles.read_json(other / "results.json")
     assert res2["test_accuracy"] == res["test_accuracy"]
@@ -236,17 +217,8 @@ def test_report_only_rebuilds(part1_run):
 
 # ----------------------------------------------------------------------------- resume equivalence
 def test_resume_equals_uninterrupted(fashion_data, tmp_path):
-    common = [
-        "--data-root",
-        fashion_data.root,
-        "--no-download",
-        "--train-limit",
-        1000,
-        "--epochs",
-        2,
-        "--eval-batch-size",
-        2000,
-    ]
+    flags = "--no-download --train-limit 1000 --epochs 2 --eval-batch-size 2000".split()
+    common = ["--data-root", fashion_data.root, *flags]
     a, b = tmp_path / "A", tmp_path / "B"
     run_part1(*common, "--output-dir", a)
     run_part1(*common, "--output-dir", b, "--stop-after-epochs", 1)
@@ -279,21 +251,8 @@ def test_val_fraction_zero_tests_the_final_epoch(make_fashion_root, tmp_path):
     final epoch's."""
     root = make_fashion_root(tmp_path / "fm", n_train=40, n_test=20)
     out = tmp_path / "run"
-    run_part1(
-        "--data-root",
-        root,
-        "--no-download",
-        "--val-fraction",
-        0,
-        "--epochs",
-        3,
-        "--batch-size",
-        20,
-        "--eval-batch-size",
-        20,
-        "--output-dir",
-        out,
-    )
+    flags = "--no-download --val-fraction 0 --epochs 3 --batch-size 20 --eval-batch-size 20".split()
+    run_part1("--data-root", root, *flags, "--output-dir", out)
     res = runfiles.read_json(out / "results.json")
     assert res["checkpoint_epoch"] == 3, (
         f"tested the weights of epoch {res['checkpoint_epoch']} of 3"
@@ -311,18 +270,8 @@ def test_fashion_net_smoke(fashion_root, tmp_path):
     """The improved model end to end (2 short epochs with its recipe's augmentation and label
     smoothing)."""
     out = tmp_path / "fn"
-    run_part1(
-        "--data-root",
-        fashion_root,
-        "--model",
-        "fashion_net",
-        "--train-limit",
-        600,
-        "--epochs",
-        2,
-        "--output-dir",
-        out,
-    )
+    flags = "--model fashion_net --train-limit 600 --epochs 2".split()
+    run_part1("--data-root", fashion_root, *flags, "--output-dir", out)
     res = runfiles.read_json(out / "results.json")
     assert res["model"] == "fashion_net" and res["parameters"] == 584874
     assert 0 <= res["test_accuracy"] <= 1

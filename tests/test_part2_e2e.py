@@ -30,17 +30,8 @@ def run_part2(*argv):
 @pytest.fixture(scope="module")
 def part2_run(synthetic_facade_ro, tmp_path_factory):
     out = tmp_path_factory.mktemp("part2") / "run"
-    returned = run_part2(
-        "--data",
-        synthetic_facade_ro,
-        *SYN_ARGS,
-        "--epochs",
-        2,
-        "--batch-size",
-        4,
-        "--output-dir",
-        out,
-    )
+    flags = [*SYN_ARGS, *"--epochs 2 --batch-size 4".split()]
+    returned = run_part2("--data", synthetic_facade_ro, *flags, "--output-dir", out)
     return out, returned
 
 
@@ -133,15 +124,8 @@ def test_eval_only_and_report_only(part2_run, synthetic_facade_ro, tmp_path):
     run_dir, _ = part2_run
     res = runfiles.read_json(run_dir / "results.json")
     other = tmp_path / "eval"
-    run_part2(
-        "--data",
-        synthetic_facade_ro,
-        *SYN_ARGS,
-        "--eval-only",
-        run_dir / "checkpoints" / "best.pt",
-        "--output-dir",
-        other,
-    )
+    best = run_dir / "checkpoints" / "best.pt"
+    run_part2("--data", synthetic_facade_ro, *SYN_ARGS, "--eval-only", best, "--output-dir", other)
     res2 = runfiles.read_json(other / "results.json")
     assert (
         res2["ap"] == pytest.approx(res["ap"], abs=1e-9)
@@ -154,23 +138,8 @@ def test_eval_only_and_report_only(part2_run, synthetic_facade_ro, tmp_path):
 
 def test_unet_one_epoch(synthetic_facade_ro, tmp_path):
     out = tmp_path / "unet"
-    res = run_part2(
-        "--data",
-        synthetic_facade_ro,
-        *SYN_ARGS,
-        "--model",
-        "unet",
-        "--width",
-        "8",
-        "--crop",
-        "32",
-        "--epochs",
-        1,
-        "--batch-size",
-        5,
-        "--output-dir",
-        out,
-    )
+    flags = [*SYN_ARGS, *"--model unet --width 8 --crop 32 --epochs 1 --batch-size 5".split()]
+    res = run_part2("--data", synthetic_facade_ro, *flags, "--output-dir", out)
     rows = _metrics(out)
     assert len(rows) == 1
     assert math.isfinite(float(rows[0]["train_loss"])) and math.isfinite(float(rows[0]["val_loss"]))
@@ -181,27 +150,11 @@ def test_unet_one_epoch(synthetic_facade_ro, tmp_path):
 
 def test_real_facade_slice(facade_root, tmp_path):
     out = tmp_path / "real"
-    res = run_part2(
-        "--data",
-        facade_root,
-        "--train-range",
-        0,
-        1,
-        "--val-range",
-        800,
-        800,
-        "--test-range",
-        0,
-        1,
-        "--epochs",
-        1,
-        "--max-steps",
-        1,
-        "--num-examples",
-        2,
-        "--output-dir",
-        out,
+    flags = (
+        "--train-range 0 1 --val-range 800 800 --test-range 0 1"
+        " --epochs 1 --max-steps 1 --num-examples 2"
     )
+    res = run_part2("--data", facade_root, *flags.split(), "--output-dir", out)
     saved = runfiles.read_json(out / "results.json")
     assert 0 < saved["mean_ap"] < 1 and saved["image_size"] == [256, 256]
     assert saved["gflops_per_image"] == pytest.approx(38.8, rel=0.01)
@@ -221,19 +174,10 @@ def test_predict_cli(part2_run, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("this is not an image\n")
     out = tmp_path / "pred"
+    images = [str(img1), str(img2), str(bad)]
+    argv = ["predict", "--checkpoint", str(ckpt), *images, "--output-dir", str(out)]
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(
-            [
-                "predict",
-                "--checkpoint",
-                str(ckpt),
-                str(img1),
-                str(img2),
-                str(bad),
-                "--output-dir",
-                str(out),
-            ]
-        )
+        part2_segment.cli_main(argv)
     assert info.value.code == 1
     assert sorted(p.name for p in out.iterdir()) == [
         "big_mask.png",
@@ -273,17 +217,10 @@ def test_predict_264_matches_model(part2_run, tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (264, 264, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "sq.png")
     out = tmp_path / "pred"
+    image = str(tmp_path / "sq.png")
+    argv = ["predict", "--checkpoint", str(ckpt_path), image, "--output-dir", str(out)]
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(
-            [
-                "predict",
-                "--checkpoint",
-                str(ckpt_path),
-                str(tmp_path / "sq.png"),
-                "--output-dir",
-                str(out),
-            ]
-        )
+        part2_segment.cli_main(argv)
     assert info.value.code == 0
     mask_rgb = np.asarray(Image.open(out / "sq_mask.png"))
     assert mask_rgb.shape == (264, 264, 3)
@@ -310,19 +247,10 @@ def test_predict_downscales_large_images(part2_run, tmp_path):
         img
     )
     out = tmp_path / "pred"
+    ckpt = str(run_dir / "checkpoints" / "best.pt")
+    argv = ["predict", "--checkpoint", ckpt, str(img), "--max-size", "64", "--output-dir", str(out)]
     with pytest.raises(SystemExit) as info:
-        part2_segment.cli_main(
-            [
-                "predict",
-                "--checkpoint",
-                str(run_dir / "checkpoints" / "best.pt"),
-                str(img),
-                "--max-size",
-                "64",
-                "--output-dir",
-                str(out),
-            ]
-        )
+        part2_segment.cli_main(argv)
     assert info.value.code == 0
     with Image.open(out / "wide_mask.png") as im:
         assert im.size == (150, 90)
