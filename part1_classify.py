@@ -32,6 +32,7 @@ TASK, OUTPUT_ROOT = "classification", "outputs/part1"
 NAMES = datasets.FASHION_CLASSES
 REFERENCE_MEAN_PER_CLASS_ACCURACY = 0.862  # the reference report's sigmoid CNN
 DEFAULTS = {"model": "sigmoid_cnn", "data_root": "data/fashion-mnist", "val_fraction": 0.2}
+SELECT = ("val_accuracy", "max")  # the best epoch: highest validation accuracy
 # Per-model training recipes: flags left unset take these values.
 RECIPES = {
     # Reference batch and optimiser; a 10x higher peak LR with warm-up and cosine decay is what
@@ -187,68 +188,34 @@ def main(args) -> dict:
     ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
     splits, normalization = load_data(args, rt, ckpt)  # bad data stops before the run folder
     train_loader, val_loader, test_loader = datasets.split_loaders(
-        splits,
-        normalization,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        seed=args.seed,
-        rank=rt.rank,
-        world_size=rt.world_size,
+        splits, normalization, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        seed=args.seed, rank=rt.rank, world_size=rt.world_size,
         augment=AUGMENTATIONS[args.augment],
-    )
+    )  # fmt: skip
     net = models.build_model(args.model, num_classes=len(NAMES))
     model, model_without_ddp = utils.prepare_model(
         net, rt, compile_model=args.compile, sync_bn=args.sync_bn
     )
     run_dir, log = runfiles.start_run(args, rt, OUTPUT_ROOT)
     loss_fn = engine.CrossEntropy(label_smoothing=args.label_smoothing)
-    log.info(
-        "model %s: %d parameters; %d train / %d val / %d test images",
-        args.model,
-        models.count_parameters(net),
-        *(len(splits[s][0]) for s in ("train", "val", "test")),
-    )
+    sizes = " / ".join(f"{len(splits[s][0])} {s}" for s in ("train", "val", "test"))
+    log.info("model %s: %d parameters; %s images", args.model, models.count_parameters(net), sizes)
     if args.eval_only:
         model_without_ddp.load_state_dict(ckpt["model"])
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
-        meta = {
-            "task": TASK,
-            "model_name": args.model,
-            "model_kwargs": {"num_classes": len(NAMES)},
-            "class_names": NAMES,
-            "normalization": normalization,
-            "args": vars(args),
-        }
+        meta = dict(task=TASK, model_name=args.model, model_kwargs={"num_classes": len(NAMES)},
+                    class_names=NAMES, normalization=normalization, args=vars(args))  # fmt: skip
+        nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
         tested = engine.fit(
-            args,
-            rt,
-            (model, model_without_ddp),
-            (train_loader, val_loader),
-            loss_fn,
-            run_dir,
-            log,
-            meta,
-            ckpt,
-            select=("val_accuracy", "max"),
+            args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt, select=SELECT
         )
-    results = engine.evaluate(
-        model_without_ddp,
-        test_loader,
-        loss_fn,
-        rt,
-        ConfusionMatrix(len(NAMES), keep_predictions=True),
-        desc="test",
-    )
+    metric = ConfusionMatrix(len(NAMES), keep_predictions=True)
+    results = engine.evaluate(model_without_ddp, test_loader, loss_fn, rt, metric, desc="test")
     if rt.is_main:
-        results = write_outputs(
-            run_dir,
-            results | tested | {"model": args.model},
-            model_without_ddp,
-            splits["test"],
-            normalization,
-            log,
-        )
+        tested["model"] = args.model
+        results = write_outputs(run_dir, results | tested, model_without_ddp, splits["test"],
+                                normalization, log)  # fmt: skip
     runfiles.close_logger(log)
     utils.cleanup_runtime(rt)
     return results

@@ -51,6 +51,7 @@ DEFAULTS = {
     "crop": 256,
     "crop_scale": [0.6, 1.25],
 }
+SELECT = ("val_loss", "min")  # the best epoch: lowest validation loss
 RECIPES = {
     # The reference: Adam 1e-3, weight decay 1e-5, batch 25, plain cross-entropy, no augmentation.
     "facade_fcn": dict(
@@ -213,6 +214,27 @@ def make_loss(name: str, train_labels: torch.Tensor) -> engine.CrossEntropy:
     return engine.CrossEntropyDice((weights / weights.mean()).float(), NUM_CLASSES)
 
 
+def build_loaders(args, rt: utils.Runtime, splits: dict, ckpt: dict | None):
+    """(train, val, test) loaders and the normalisation: the training split's mean and std, or
+    the checkpoint's."""
+    if ckpt:
+        normalization = ckpt["normalization"]
+    else:
+        normalization = dict(zip(("mean", "std"), datasets.channel_stats(splits["train"][0])))
+    augment_batch = None
+    if args.augment == "scale_crop_flip_jitter":
+        augment_batch = functools.partial(
+            augment.random_scale_crop_flip_jitter,
+            crop=args.crop,
+            scale_range=tuple(args.crop_scale),
+        )
+    loaders = datasets.split_loaders(
+        splits, normalization, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        seed=args.seed, rank=rt.rank, world_size=rt.world_size, augment=augment_batch,
+    )  # fmt: skip
+    return *loaders, normalization
+
+
 def main(args) -> dict:
     """Train (or --resume, or --eval-only), test the best epoch, write the run folder; returns
     what results.json holds (rank 0) or the raw test metrics (other ranks)."""
@@ -221,94 +243,37 @@ def main(args) -> dict:
     ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
     net = models.build_model(args.model, **(ckpt["model_kwargs"] if ckpt else model_kwargs(args)))
     if args.crop % net.size_multiple:
-        raise utils.UserError(
-            f"--crop {args.crop} is not a multiple of {net.size_multiple}, which {args.model} needs"
-        )
+        raise utils.UserError(f"--crop {args.crop} is not a multiple of {net.size_multiple}")
     splits = load_data(args, rt, net.size_multiple)  # bad data stops before the run folder
-    normalization = (
-        ckpt["normalization"]
-        if ckpt
-        else dict(zip(("mean", "std"), datasets.channel_stats(splits["train"][0])))
-    )
-    augment_batch = None
-    if args.augment == "scale_crop_flip_jitter":
-        augment_batch = functools.partial(
-            augment.random_scale_crop_flip_jitter,
-            crop=args.crop,
-            scale_range=tuple(args.crop_scale),
-        )
-    train_loader, val_loader, test_loader = datasets.split_loaders(
-        splits,
-        normalization,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        seed=args.seed,
-        rank=rt.rank,
-        world_size=rt.world_size,
-        augment=augment_batch,
-    )
+    train_loader, val_loader, test_loader, normalization = build_loaders(args, rt, splits, ckpt)
     h, w = splits["test"][0].shape[-2:]
     flops = models.forward_flops(net, (1, 3, h, w))
     model, model_without_ddp = utils.prepare_model(
         net, rt, compile_model=args.compile, sync_bn=args.sync_bn
     )
     run_dir, log = runfiles.start_run(args, rt, OUTPUT_ROOT)
-    log.info(
-        "model %s: %d parameters, %.1f GFLOP per %dx%d image; %d train / %d val / %d test images",
-        args.model,
-        models.count_parameters(net),
-        flops / 1e9,
-        w,
-        h,
-        *(len(splits[s][0]) for s in ("train", "val", "test")),
-    )
+    sizes = " / ".join(f"{len(splits[s][0])} {s}" for s in ("train", "val", "test"))
+    log.info("model %s: %d parameters, %.1f GFLOP per %dx%d image; %s images", args.model,
+             models.count_parameters(net), flops / 1e9, w, h, sizes)  # fmt: skip
     if args.eval_only:
         model_without_ddp.load_state_dict(ckpt["model"])
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
-        meta = {
-            "task": TASK,
-            "model_name": args.model,
-            "model_kwargs": model_kwargs(args),
-            "class_names": NAMES,
-            "normalization": normalization,
-            "args": vars(args),
-        }
+        meta = dict(task=TASK, model_name=args.model, model_kwargs=model_kwargs(args),
+                    class_names=NAMES, normalization=normalization, args=vars(args))  # fmt: skip
+        nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
+        loss_fn = make_loss(args.loss, splits["train"][1])
         tested = engine.fit(
-            args,
-            rt,
-            (model, model_without_ddp),
-            (train_loader, val_loader),
-            make_loss(args.loss, splits["train"][1]),
-            run_dir,
-            log,
-            meta,
-            ckpt,
-            select=("val_loss", "min"),
+            args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt, select=SELECT
         )
-    results = engine.evaluate(
-        model_without_ddp,
-        test_loader,
-        engine.CrossEntropy(),
-        rt,
-        PixelScores(NUM_CLASSES),
-        desc="test",
-    )
+    metric, test_loss = PixelScores(NUM_CLASSES), engine.CrossEntropy()
+    results = engine.evaluate(model_without_ddp, test_loader, test_loss, rt, metric, desc="test")
     if rt.is_main:  # rank 0 alone draws the prediction figure, with the unwrapped model
-        predict.plot_predictions(
-            model_without_ddp,
-            rt,
-            splits["test"],
-            normalization,
-            args.num_examples,
-            run_dir / "figures/predictions.png",
-        )
-        tested |= {
-            "model": args.model,
-            "gflops_per_image": flops / 1e9,
-            "image_size": [int(h), int(w)],
-            "normalization": normalization,
-        }
+        figure = run_dir / "figures/predictions.png"
+        predict.plot_predictions(model_without_ddp, rt, splits["test"], normalization,
+                                 args.num_examples, figure)  # fmt: skip
+        tested |= {"model": args.model, "gflops_per_image": flops / 1e9,
+                   "image_size": [int(h), int(w)], "normalization": normalization}  # fmt: skip
         results = write_outputs(run_dir, results, tested, model_without_ddp, log)
     runfiles.close_logger(log)
     utils.cleanup_runtime(rt)
