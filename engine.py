@@ -86,14 +86,10 @@ class CrossEntropy:
         )
 
     def sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        per_item = F.cross_entropy(
-            logits.float(),
-            y,
-            weight=self._weight(logits),
-            label_smoothing=self.label_smoothing,
-            reduction="none",
-        )
         weight = self._weight(logits)
+        per_item = F.cross_entropy(
+            logits.float(), y, weight=weight, label_smoothing=self.label_smoothing, reduction="none"
+        )
         count = y.numel() if weight is None else weight[y].sum()
         return torch.stack([per_item.sum().double(), torch.as_tensor(count).double().to(y.device)])
 
@@ -251,13 +247,10 @@ class History:
         mode: str,
         log: logging.Logger,
         epochs: int,
-        rows: list[dict] | None = None,
-        best_value=None,
-        best_epoch=None,
     ):
         self.path, self.key, self.mode, self.log, self.epochs = path, key, mode, log, epochs
-        self.rows = rows or []
-        self.best_value, self.best_epoch = best_value, best_epoch
+        self.rows: list[dict] = []
+        self.best_value, self.best_epoch = None, None  # restore_training sets them on --resume
 
     def add(self, epoch: int, lr: float, train: dict, val: dict, rt: Runtime) -> bool:
         """Record an epoch (rank 0 writes metrics.csv and logs it); True if it is the best."""

@@ -253,12 +253,7 @@ def write_outputs(run_dir: Path, test: dict, model, test_split, normalization: d
 def rebuild_report(run_dir: Path) -> dict:
     """--report-only: figures and report.html again from results.json and metrics.csv (example
     and filter figures need the model and are kept as they are)."""
-    if not (run_dir / "results.json").is_file():
-        raise utils.UserError(f"{run_dir} has no results.json: not a finished Part 1 run folder")
-    results = runfiles.read_json(run_dir / "results.json")
-    if "test_accuracy" not in results:
-        raise utils.UserError(f"{run_dir} is not a Part 1 run folder")
-    return publish(run_dir, results, None)
+    return publish(run_dir, report.read_results(run_dir, "test_accuracy", "Part 1"), None)
 
 
 def publish(run_dir: Path, results: dict, log) -> dict:
@@ -280,14 +275,10 @@ def report_page(results: dict) -> report.Page:
         ("model", results["model"], "sigmoid CNN"),
         ("test accuracy", f"{results['test_accuracy']:.2%}", ""),
         ("mean per-class accuracy", f"{results['mean_per_class_accuracy']:.2%}", reference),
-        ("tested checkpoint", f"{results['checkpoint']} (epoch {results['checkpoint_epoch']})", ""),
+        *report.checkpoint_rows(results),
     ]
     if "epochs_trained" in results:
-        summary += [
-            ("epochs", str(results["epochs_trained"]), ""),
-            ("training time", report.duration(results["train_time_s"]), ""),
-            ("training images/s", f"{results['train_images_per_s']:.0f}", ""),
-        ]
+        summary.append(("training images/s", f"{results['train_images_per_s']:.0f}", ""))
     per_class = results["per_class_accuracy"]
     lines = [f"{n} = {100 * v:.1f}%" for n, v in per_class.items()]
     lines += [
