@@ -33,6 +33,7 @@ RESUME_FREE = {
     "num_examples",
     "no_download",
     "epochs",
+    "val_ap_every",
 }
 COMMON_DEFAULTS = {"seed": 0, "amp": False, "amp_dtype": "bf16", "sync_bn": False}
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import runfiles
 import utils
-from metrics import ConfusionMatrix
+from metrics import ConfusionMatrix, PixelScores
 from utils import Runtime
 
 
@@ -247,8 +247,10 @@ class History:
         mode: str,
         log: logging.Logger,
         epochs: int,
+        ap_every: int = 0,
     ):
         self.path, self.key, self.mode, self.log, self.epochs = path, key, mode, log, epochs
+        self.ap_every = ap_every  # a val_mean_ap column, filled every ap_every epochs
         self.rows: list[dict] = []
         self.best_value, self.best_epoch = None, None  # restore_training sets them on --resume
 
@@ -257,6 +259,8 @@ class History:
         row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "val_loss": val["loss"]}
         if "accuracy" in train:
             row.update(train_accuracy=train["accuracy"], val_accuracy=val.get("accuracy"))
+        if self.ap_every:
+            row["val_mean_ap"] = val.get("mean_ap", float("nan"))
         row.update(
             epoch_time_s=train["time_s"] + val["time_s"], train_images_per_s=train["images_per_s"]
         )
@@ -338,17 +342,19 @@ def fit(
     ckpt: dict | None,
     *,
     select: tuple[str, str],
+    ap_every: int = 0,
 ) -> dict:
     """Train for the recipe's epochs (from ``ckpt`` on --resume): train, validate, record,
     checkpoint; end with the best epoch by ``select`` = (metrics.csv column, "max"/"min") in the
     model. ``models`` = (model to train, unwrapped model); ``meta`` describes the run in each
-    checkpoint. Returns which checkpoint the test numbers come from."""
+    checkpoint; ``ap_every`` > 0 adds the validation pixels' mean AP every that many epochs and
+    at the last (segmentation). Returns which checkpoint the test numbers come from."""
     model, model_without_ddp = models
     train_loader, val_loader = loaders
     num_classes = len(meta["class_names"])
     steps = steps_per_epoch(train_loader, args.max_steps)
     optimizer, scheduler = optimizer_and_schedule(model_without_ddp, args, steps)
-    history = History(run_dir / "metrics.csv", *select, log, args.epochs)
+    history = History(run_dir / "metrics.csv", *select, log, args.epochs, ap_every)
     start_epoch = 1
     if ckpt is not None:
         start_epoch = restore_training(ckpt, model_without_ddp, optimizer, scheduler, rt, history)
@@ -369,13 +375,10 @@ def fit(
             metric=ConfusionMatrix(num_classes),
         )
         utils.broadcast_module_state(model_without_ddp, rt)  # rank 0's BatchNorm statistics
+        ap_due = ap_every and (epoch % ap_every == 0 or epoch == last_epoch)
+        val_metric = PixelScores(num_classes) if ap_due else ConfusionMatrix(num_classes)
         val_stats = evaluate(
-            model_without_ddp,
-            val_loader,
-            loss_fn,
-            rt,
-            ConfusionMatrix(num_classes),
-            desc=f"epoch {epoch} val",
+            model_without_ddp, val_loader, loss_fn, rt, val_metric, desc=f"epoch {epoch} val"
         )
         is_best = history.add(epoch, lr, train_stats, val_stats, rt)
         if is_best:

@@ -153,6 +153,19 @@ class UNet(nn.Module):
         return float32_layer(self.head, x)
 
 
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the mean of the scores of each image and of its mirror image,
+    mirrored back. Facades are close to left-right symmetric and the U-Net recipes train on
+    flips, so the two views err differently; it costs one more forward pass."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.size_multiple = model, model.size_multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(x.flip(-1)).flip(-1)) / 2
+
+
 MODELS = {
     "sigmoid_cnn": (SigmoidCNN, "classification"),
     "fashion_net": (FashionNet, "classification"),

@@ -50,6 +50,8 @@ DEFAULTS = {
     "test_range": [0, 109],
     "crop": 256,
     "crop_scale": [0.6, 1.25],
+    "val_ap_every": 5,
+    "tta": False,
 }
 SELECT = ("val_loss", "min")  # the best epoch: lowest validation loss
 RECIPES = {
@@ -167,6 +169,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--width", type=cli.POSITIVE_INT, metavar="C", help="U-Net base width (default: 32)"
     )
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="test with the mean scores of each image and its mirror image (one more forward "
+        "pass per test image; validation and training are unchanged; default: off)",
+    )
+    parser.add_argument(
+        "--val-ap-every",
+        type=cli.NONNEG_INT,
+        metavar="N",
+        help="also compute the validation mean AP every N epochs and at the last, into "
+        "metrics.csv's val_mean_ap (0: never; default: 5)",
+    )
     return parser
 
 
@@ -263,16 +278,16 @@ def main(args) -> dict:
                     class_names=NAMES, normalization=normalization, args=vars(args))  # fmt: skip
         nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
         loss_fn = make_loss(args.loss, splits["train"][1])
-        tested = engine.fit(
-            args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt, select=SELECT
-        )
+        tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
+                            select=SELECT, ap_every=args.val_ap_every)  # fmt: skip
     metric, test_loss = PixelScores(NUM_CLASSES), engine.CrossEntropy()
-    results = engine.evaluate(model_without_ddp, test_loader, test_loss, rt, metric, desc="test")
+    tested_model = models.FlipAverage(model_without_ddp) if args.tta else model_without_ddp
+    results = engine.evaluate(tested_model, test_loader, test_loss, rt, metric, desc="test")
     if rt.is_main:  # rank 0 alone draws the prediction figure, with the unwrapped model
         figure = run_dir / "figures/predictions.png"
-        predict.plot_predictions(model_without_ddp, rt, splits["test"], normalization,
+        predict.plot_predictions(tested_model, rt, splits["test"], normalization,
                                  args.num_examples, figure)  # fmt: skip
-        tested |= {"model": args.model, "gflops_per_image": flops / 1e9,
+        tested |= {"model": args.model, "gflops_per_image": flops / 1e9, "tta": args.tta,
                    "image_size": [int(h), int(w)], "normalization": normalization}  # fmt: skip
         results = write_outputs(run_dir, results, tested, model_without_ddp, log)
     runfiles.close_logger(log)
@@ -333,6 +348,7 @@ def report_page(results: dict) -> report.Page:
     summary = [
         ("model", results["model"], "resolution-keeping FCN"),
         ("mean AP (raw scores)", f"{results['mean_ap']:.4f}", f"{reference_mean:.3f}"),
+        ("test-time flip", "yes" if results.get("tta") else "no", "no"),
         ("mean AP (softmax)", f"{results['mean_ap_softmax']:.4f}", ""),
         ("mIoU", f"{results['miou']:.4f}", ""),
         ("pixel accuracy", f"{results['pixel_accuracy']:.4f}", ""),

@@ -136,6 +136,48 @@ def test_eval_only_and_report_only(part2_run, synthetic_facade_ro, tmp_path):
     assert "Per-class results on test pixels" in (other / "report.html").read_text()
 
 
+def _best_scores(run_dir, folder, first, last, checkpoint="best.pt", flip=False):
+    """(N*H*W, 5) scores of a checkpoint on images first..last of ``folder``, computed here from
+    the saved weights and normalisation, and the labels."""
+    ckpt = torch.load(run_dir / "checkpoints" / checkpoint, map_location="cpu", weights_only=False)
+    net = models.from_checkpoint(ckpt).eval()
+    images, labels = datasets.load_facade_split(folder, first, last)
+    x = datasets.normalize(images, **ckpt["normalization"])
+    with torch.no_grad():
+        logits = net(x)
+        if flip:
+            logits = (logits + net(x.flip(-1)).flip(-1)) / 2
+    return logits.permute(0, 2, 3, 1).reshape(-1, 5).numpy(), labels.reshape(-1).numpy()
+
+
+def _mean_ap(scores, labels):
+    return np.mean([average_precision_score(labels == c, scores[:, c]) for c in range(5)])
+
+
+def test_val_mean_ap_every_n_epochs(part2_run, synthetic_facade_ro):
+    """--val-ap-every (default 5) fills val_mean_ap at multiples of N and at the last epoch:
+    here only epoch 2 of 2, the AP of last.pt on the validation images (10-11)."""
+    run_dir, _ = part2_run
+    rows = _metrics(run_dir)
+    assert rows[0]["val_mean_ap"] == "nan"
+    scores, labels = _best_scores(run_dir, synthetic_facade_ro / "train", 10, 11, "last.pt")
+    assert float(rows[1]["val_mean_ap"]) == pytest.approx(_mean_ap(scores, labels), abs=1e-6)
+
+
+def test_tta_scores_are_the_mean_of_the_image_and_its_mirror(
+    part2_run, synthetic_facade_ro, tmp_path
+):
+    run_dir, _ = part2_run
+    best = run_dir / "checkpoints" / "best.pt"
+    flags = [*SYN_ARGS, "--eval-only", best, "--output-dir", tmp_path / "tta", "--tta"]
+    res = run_part2("--data", synthetic_facade_ro, *flags)
+    scores, labels = _best_scores(run_dir, synthetic_facade_ro / "test_dev", 0, 3, flip=True)
+    assert res["tta"] is True
+    assert res["mean_ap"] == pytest.approx(_mean_ap(scores, labels), abs=1e-6)
+    plain = runfiles.read_json(run_dir / "results.json")
+    assert plain["tta"] is False and abs(plain["mean_ap"] - res["mean_ap"]) > 1e-6
+
+
 def test_unet_one_epoch(synthetic_facade_ro, tmp_path):
     out = tmp_path / "unet"
     flags = [*SYN_ARGS, *"--model unet --width 8 --crop 32 --epochs 1 --batch-size 5".split()]
