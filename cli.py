@@ -35,7 +35,8 @@ RESUME_FREE = {
     "epochs",
     "val_ap_every",
 }
-COMMON_DEFAULTS = {"seed": 0, "amp": False, "amp_dtype": "bf16", "sync_bn": False}
+# --amp is left unset here: the runtime turns it on where the hardware computes bf16 natively.
+COMMON_DEFAULTS = {"seed": 0, "amp_dtype": "bf16", "sync_bn": False}
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,8 +90,9 @@ def add_common_args(
     *,
     models: list[str],
     default_model: str,
-    eval_batch_size: int,
+    eval_batch_size: int | None,
     output_root: str,
+    eval_batch_help: str | None = None,
 ) -> None:
     """Training, recipe, runtime and output flags shared by both scripts."""
     g = parser.add_argument_group("training")
@@ -106,7 +108,7 @@ def add_common_args(
         type=POSITIVE_INT,
         default=eval_batch_size,
         metavar="N",
-        help=f"batch size for validation and test (default: {eval_batch_size})",
+        help=f"batch size for validation and test (default: {eval_batch_help or eval_batch_size})",
     )
     g.add_argument(
         "--max-steps",
@@ -157,7 +159,8 @@ def add_common_args(
         "--amp",
         action=argparse.BooleanOptionalAction,
         help="mixed precision (autocast) for the forward pass and loss; metrics are "
-        "always computed from fp32 scores (default: off)",
+        "always computed from fp32 scores (default: on where the hardware computes bf16 "
+        "natively: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; --no-amp: fp32)",
     )
     u.add_argument(
         "--amp-dtype",
@@ -166,8 +169,10 @@ def add_common_args(
     )
     u.add_argument(
         "--channels-last",
-        action="store_true",
-        help="channels-last memory format for model and inputs (faster convolutions)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels-last memory format for model and inputs: faster convolutions, the "
+        "same numbers within rounding (default: on)",
     )
     u.add_argument(
         "--compile",
@@ -228,6 +233,8 @@ def resolve_args(
         args.model = ckpt["model_name"]
     if args.resume:
         adopt_checkpoint_args(args, ckpt["args"])
+    if args.eval_only and args.amp is None:  # test in the checkpoint's precision unless told
+        args.amp = bool(ckpt["args"].get("amp"))
     model = args.model or defaults["model"]
     for key, value in {**COMMON_DEFAULTS, **defaults, **recipes[model]}.items():
         if getattr(args, key, None) is None:
@@ -283,5 +290,6 @@ def start(args: argparse.Namespace, *, task: str, defaults: dict, recipes: dict)
         threads=args.threads,
         progress=not args.no_progress,
     )
+    args.amp = rt.amp_dtype is not None  # args.json records what "auto" chose
     utils.seed_everything(args.seed + rt.rank)
     return ckpt, rt

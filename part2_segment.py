@@ -1,7 +1,9 @@
 """Part 2: facade semantic segmentation (5 classes: others, facade, pillar, window, balcony).
 
     python part2_segment.py --data data/facade                      # reference FCN
-    python part2_segment.py --data data/facade --model unet --amp   # improved U-Net
+    python part2_segment.py --data data/facade --model unet --amp   # improved U-Net (GPU)
+    python part2_segment.py --data data/facade --model unet --width 16 --crop 128 \
+        --crop-scale 0.45 0.6 --tta                                 # 27 minutes on a 2-core CPU
     python part2_segment.py --eval-only RUN/checkpoints/best.pt --data data/facade
     python part2_segment.py predict --checkpoint RUN/checkpoints/best.pt photo1.jpg photo2.png
     torchrun --standalone --nproc_per_node=2 part2_segment.py --data data/facade
@@ -157,7 +159,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         parser,
         models=models.models_for(TASK),
         default_model=DEFAULTS["model"],
-        eval_batch_size=10,
+        eval_batch_size=None,
+        eval_batch_help="1 on the CPU, where a larger batch's activations fall out of cache, "
+        "10 on CUDA",
         output_root=OUTPUT_ROOT,
     )
     parser.add_argument(
@@ -256,6 +260,8 @@ def main(args) -> dict:
     if args.report_only:
         return rebuild_report(Path(args.report_only))
     ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
+    if args.eval_batch_size is None:  # batch 1 evaluates ~40% faster than 10 on a 2-core CPU
+        args.eval_batch_size = 10 if rt.device.type == "cuda" else 1
     net = models.build_model(args.model, **(ckpt["model_kwargs"] if ckpt else model_kwargs(args)))
     if args.crop % net.size_multiple:
         raise utils.UserError(f"--crop {args.crop} is not a multiple of {net.size_multiple}")

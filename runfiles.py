@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import Runtime, UserError, broadcast_object, native_bf16
+from utils import Runtime, UserError, broadcast_object
 
 
 # ----------------------------------------------------------------------------- files
@@ -271,10 +271,4 @@ def start_run(args, rt: Runtime, output_root: str) -> tuple[Path, logging.Logger
             args.batch_size * rt.world_size,
             rt.amp_dtype,
         )
-        if rt.amp_dtype is None and native_bf16(rt.device):
-            log.info(
-                "hint: this %s computes bf16 natively; --amp --channels-last trains several "
-                "times faster on such hardware (metrics stay fp32)",
-                "GPU" if rt.device.type == "cuda" else "CPU",
-            )
     return run_dir, log

@@ -90,13 +90,14 @@ class Runtime:
 def setup_runtime(
     *,
     device: str = "auto",
-    amp: bool = False,
+    amp: bool | None = False,
     amp_dtype: str = "bf16",
     channels_last: bool = False,
     threads: int | None = None,
     progress: bool = True,
 ) -> Runtime:
-    """Pick the device, start DDP when launched by torchrun, set up AMP."""
+    """Pick the device, start DDP when launched by torchrun, set up AMP (``amp=None``: on where
+    the device computes bf16 natively)."""
     if threads:
         torch.set_num_threads(threads)
     cuda_ok = torch.cuda.is_available()
@@ -106,7 +107,7 @@ def setup_runtime(
             "(use --device cpu or auto)"
         )
     use_cuda = cuda_ok and device != "cpu"
-    if amp and amp_dtype == "fp16" and not use_cuda:
+    if amp is not False and amp_dtype == "fp16" and not use_cuda:
         raise UserError("--amp-dtype fp16 needs CUDA; use the default bf16 on the CPU")
     rank, local_rank, world_size = 0, 0, 1
     if launched_by_torchrun():
@@ -115,8 +116,10 @@ def setup_runtime(
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    dtype = (torch.float16 if amp_dtype == "fp16" else torch.bfloat16) if amp else None
     torch_device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if amp is None:
+        amp = native_bf16(torch_device)
+    dtype = (torch.float16 if amp_dtype == "fp16" else torch.bfloat16) if amp else None
     # The scaler only does something for fp16; for bf16/fp32 it is a pass-through.
     scaler = torch.amp.GradScaler(torch_device.type, enabled=dtype is torch.float16)
     if use_cuda:

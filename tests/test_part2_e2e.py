@@ -30,7 +30,8 @@ def run_part2(*argv):
 @pytest.fixture(scope="module")
 def part2_run(synthetic_facade_ro, tmp_path_factory):
     out = tmp_path_factory.mktemp("part2") / "run"
-    flags = [*SYN_ARGS, *"--epochs 2 --batch-size 4".split()]
+    # fp32 in the standard layout: the tests recompute its numbers exactly from the checkpoint
+    flags = [*SYN_ARGS, *"--epochs 2 --batch-size 4 --no-amp --no-channels-last".split()]
     returned = run_part2("--data", synthetic_facade_ro, *flags, "--output-dir", out)
     return out, returned
 
@@ -125,7 +126,8 @@ def test_eval_only_and_report_only(part2_run, synthetic_facade_ro, tmp_path):
     res = runfiles.read_json(run_dir / "results.json")
     other = tmp_path / "eval"
     best = run_dir / "checkpoints" / "best.pt"
-    run_part2("--data", synthetic_facade_ro, *SYN_ARGS, "--eval-only", best, "--output-dir", other)
+    flags = ["--eval-only", best, "--output-dir", other, "--no-channels-last"]  # as trained
+    run_part2("--data", synthetic_facade_ro, *SYN_ARGS, *flags)
     res2 = runfiles.read_json(other / "results.json")
     assert (
         res2["ap"] == pytest.approx(res["ap"], abs=1e-9)
@@ -170,6 +172,7 @@ def test_tta_scores_are_the_mean_of_the_image_and_its_mirror(
     run_dir, _ = part2_run
     best = run_dir / "checkpoints" / "best.pt"
     flags = [*SYN_ARGS, "--eval-only", best, "--output-dir", tmp_path / "tta", "--tta"]
+    flags.append("--no-channels-last")  # the layout it was trained in: exact recomputation
     res = run_part2("--data", synthetic_facade_ro, *flags)
     scores, labels = _best_scores(run_dir, synthetic_facade_ro / "test_dev", 0, 3, flip=True)
     assert res["tta"] is True

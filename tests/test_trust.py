@@ -126,7 +126,7 @@ def test_predict_max_size_below_the_model_multiple(tmp_path, synthetic_facade, c
 @pytest.fixture
 def half_run(fm_root, tmp_path):
     """A 2-epoch Part 1 run stopped after epoch 1, and the same run uninterrupted."""
-    common = [*p1_common(fm_root), "--epochs", 2, "--seed", 3]
+    common = [*p1_common(fm_root), "--epochs", 2, "--seed", 3, "--no-amp"]
     part1(*common, "--output-dir", tmp_path / "full")
     part1(*common, "--output-dir", tmp_path / "half", "--stop-after-epochs", 1)
     return tmp_path, tmp_path / "half" / "checkpoints" / "last.pt"
@@ -281,7 +281,7 @@ def test_amp_metrics_come_from_fp32_scores(synthetic_facade, tmp_path):
     distinct = scores.unique().numel()
     assert distinct > 2 * scores.bfloat16().float().unique().numel()  # not bf16 values cast up
     evaluate = ["--eval-only", run / "checkpoints" / "best.pt", "--data", synthetic_facade, *SYN_P2]
-    fp32 = part2(*evaluate, "--output-dir", tmp_path / "fp32")
+    fp32 = part2(*evaluate, "--no-amp", "--output-dir", tmp_path / "fp32")
     amp = part2(*evaluate, "--amp", "--output-dir", tmp_path / "amp")
     assert abs(fp32["mean_ap"] - amp["mean_ap"]) < 0.005
     for name in datasets.FACADE_CLASSES:
@@ -341,18 +341,26 @@ def test_predict_keeps_same_named_inputs_apart_and_skips_too_large(
     assert len(err) == 1 and err[0].startswith("error:") and "c/x.jpg" in err[0]
 
 
-def test_bf16_hint_only_where_the_hardware_has_it(fm_root, tmp_path, monkeypatch):
+def test_amp_by_default_only_where_the_hardware_computes_bf16(fm_root, tmp_path, monkeypatch):
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native = "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo
     assert utils.native_bf16(torch.device("cpu")) == native
-    for has_bf16, amp, expect_hint in (
+    for has_bf16, flags, expect_amp in (
         (True, [], True),
-        (True, ["--amp"], False),
+        (True, ["--no-amp"], False),
         (False, [], False),
+        (False, ["--amp"], True),
     ):
-        monkeypatch.setattr(runfiles, "native_bf16", lambda device, v=has_bf16: v)
-        run = tmp_path / f"run_{has_bf16}_{bool(amp)}"
-        part1(*p1_common(fm_root), "--epochs", 1, "--max-steps", 1, *amp, "--output-dir", run)
-        assert (
-            "hint: this CPU computes bf16 natively" in (run / "log.txt").read_text()
-        ) == expect_hint
+        monkeypatch.setattr(utils, "native_bf16", lambda device, v=has_bf16: v)
+        run = tmp_path / f"run_{has_bf16}_{len(flags)}"
+        part1(*p1_common(fm_root), "--epochs", 1, "--max-steps", 1, *flags, "--output-dir", run)
+        assert runfiles.read_json(run / "args.json")["amp"] is expect_amp
+        dtype = "torch.bfloat16" if expect_amp else "None"
+        assert f"amp {dtype}" in (run / "log.txt").read_text()
+    # --eval-only tests in the checkpoint's precision unless told: an fp32 run stays fp32 on
+    # bf16 hardware
+    monkeypatch.setattr(utils, "native_bf16", lambda device: True)
+    fp32_run = tmp_path / "run_False_0"
+    part1("--eval-only", fp32_run / "checkpoints" / "best.pt", *p1_common(fm_root))
+    (evaluation,) = fp32_run.glob("eval-*")
+    assert runfiles.read_json(evaluation / "args.json")["amp"] is False
