@@ -10,16 +10,23 @@ Naive pipelines (written here, as a first implementation would be):
   Part 1: a torchvision-style Dataset (uint8 -> PIL -> ToTensor -> Normalize per sample) and a
   DataLoader.
   Part 2: batch size 1 with one-hot (5, H, W) int64 labels, fp32, for training and evaluation.
-Ours: datasets.TensorLoader + engine.train_one_epoch / engine.evaluate, fp32 and --amp.
+Ours: datasets.TensorLoader + engine.train_one_epoch / engine.evaluate, fp32 and --amp, with and
+without channels-last; "default" marks what the scripts do on this machine without flags.
 Also reports each rate as a fraction of this machine's measured matmul peak and, for Part 2, mean AP
-after the same short training in fp32 and with AMP. Prints a table; writes JSON.
+after the same short training in fp32 and with AMP, the time of all 10 AP curves (5 classes, raw
+and softmax) over the 110 test images, and against the issue's targets. Prints tables; writes JSON.
+
+    python benchmark.py --parts 2 --profile     # + where a Part 2 training step spends its time
+    python benchmark.py --parts 2 --quality RUN...   # + time to quality of finished Part 2 runs
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import re
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +106,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="CPU threads (default: torch's choice)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile a Part 2 training step (facade_fcn, default flags): time per operator "
+        "and input shape, i.e. per layer",
+    )
+    p.add_argument(
+        "--quality",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="finished Part 2 run folders: wall minutes until the validation mean AP first "
+        "reached the reference's 0.539 and 0.80 (from log.txt), and the final test mean AP",
     )
     p.add_argument(
         "--output",
@@ -303,7 +324,7 @@ def load_part2(args, count: int):
         )
     root = Path(args.facade_root)
     images, labels = datasets.load_facade_split(root / "train", 0, count - 1)
-    test = datasets.load_facade_split(root / "test_dev", 0, min(count, 110) - 1)
+    test = datasets.load_facade_split(root / "test_dev", 0, 109)  # the test split, for AP
     return images, labels, test
 
 
@@ -346,7 +367,7 @@ def bench_part2(args, device: str, variants, scale: float, peaks: dict) -> tuple
         eval_loader = datasets.TensorLoader(
             on[0][:eval_count],
             on[1][:eval_count],
-            25 if cuda else 10,
+            10 if cuda else 1,  # part2_segment.py's default --eval-batch-size
             mean=mean,
             std=std,
             train=False,
@@ -382,14 +403,19 @@ def ap_check(args, device, images, labels, test, mean, std, cuda) -> dict:
         test_loader = datasets.TensorLoader(
             test[0].to(rt.device), test[1].to(rt.device), 10, mean=mean, std=std, train=False
         )
-        result = engine.evaluate(net, test_loader, engine.CrossEntropy(), rt, PixelScores(5))
+        metric = PixelScores(5)
+        result = engine.evaluate(net, test_loader, engine.CrossEntropy(), rt, metric)
         out[amp or "fp32"] = result["mean_ap"]
+        start = time.perf_counter()  # all 10 curves again, alone: 5 classes, raw and softmax
+        metric.compute()
+        out.setdefault("ap_curves_s", time.perf_counter() - start)
     return out
 
 
 def row(part, pipeline, precision, phase, rate, flops_per_image, peak) -> dict:
     print(f"  {part} {pipeline:5s} {precision:14s} {phase:5s} {rate:10.1f} images/s", flush=True)
     return {
+        "default": False,  # main() marks the rows of the scripts' default flags
         "part": part,
         "pipeline": pipeline,
         "precision": precision,
@@ -424,6 +450,9 @@ def main(args) -> dict:
     variants += [(a, True, False) for a in [None] + amp_dtypes(args, cuda)]
     if args.compile:
         variants += [(None, False, True), (amp_dtypes(args, cuda)[0], False, True)]
+    # What part1_classify.py / part2_segment.py run without flags here: channels-last, and bf16
+    # autocast where the hardware computes it natively.
+    default_variant = variant_name("bf16" if utils.native_bf16(device) else None, True, False)
     rows, ap = [], {}
     if 1 in args.parts:
         rows += bench_part1(args, args.device, variants, scale, peaks)
@@ -431,6 +460,10 @@ def main(args) -> dict:
         part2_rows, ap = bench_part2(args, args.device, variants, scale, peaks)
         rows += part2_rows
     add_speedups(rows)
+    for r in rows:
+        r["default"] = r["pipeline"] == "ours" and r["precision"] == default_variant
+    profile = profile_part2(args, args.device, default_variant) if args.profile else []
+    quality = [time_to_quality(Path(run)) for run in args.quality]
     info = {
         "device": torch.cuda.get_device_name()
         if cuda
@@ -441,8 +474,17 @@ def main(args) -> dict:
         "peak_flops": peaks,
         "rows": rows,
         "part2_mean_ap_after_short_training": ap,
+        "default_flags": default_variant,
+        "targets": targets(rows, ap),
+        "profile_part2_train_step": profile,
+        "time_to_quality": quality,
     }
     print(format_table(rows))
+    print(format_targets(info["targets"]))
+    if profile:
+        print(format_profile(profile))
+    if quality:
+        print(format_quality(quality))
     print("peak matmul FLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f} G" for k, v in peaks.items()))
     if ap:
         print(
@@ -468,11 +510,143 @@ def format_table(rows: list[dict]) -> str:
         "|---|---|---|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['part']} | {r['pipeline']} | {r['precision']} | {r['phase']} | "
+        f"| {r['part']} | {r['pipeline']} | {r['precision']}{' (default)' * r['default']} | "
+        f"{r['phase']} | "
         f"{r['images_per_s']:.1f} | "
         f"{r['speedup_vs_naive']:.2f} | {100 * r['fraction_of_peak']:.1f} |"
         for r in rows
     ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- targets
+def targets(rows: list[dict], ap: dict) -> list[dict]:
+    """The Part 2 targets: faithful training with the default flags >= 3x naive, the fp32 path
+    (--no-amp, channels-last) >= 1.5x, evaluation with the default flags >= 4x, all 10 AP curves
+    of the test split <= 5 s."""
+
+    def speedup(phase: str, default: bool, precision: str = "fp32+cl") -> float | None:
+        for r in rows:
+            if r["part"] == "part2" and r["pipeline"] == "ours" and r["phase"] == phase:
+                if r["default"] if default else r["precision"] == precision:
+                    return r["speedup_vs_naive"]
+        return None
+
+    found = [
+        ("Part 2 training, default flags (x naive)", speedup("train", True), 3.0, "min"),
+        ("Part 2 training, fp32 path --no-amp (x naive)", speedup("train", False), 1.5, "min"),
+        ("Part 2 evaluation, default flags (x naive)", speedup("eval", True), 4.0, "min"),
+        ("all 10 AP curves, 110 test images (s)", ap.get("ap_curves_s"), 5.0, "max"),
+    ]
+    return [
+        {"what": what, "value": value, "target": target, "met": None if value is None
+         else (value >= target if kind == "min" else value <= target)}
+        for what, value, target, kind in found
+    ]  # fmt: skip
+
+
+def format_targets(found: list[dict]) -> str:
+    lines = ["| target | measured | goal | met |", "|---|---:|---:|---|"]
+    for t in found:
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+        goal = ("<= " if "(s)" in t["what"] else ">= ") + f"{t['target']:g}"
+        met = {True: "yes", False: "no", None: "-"}[t["met"]]
+        lines.append(f"| {t['what']} | {value} | {goal} | {met} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- profile
+def profile_part2(args, device: str, variant: str, steps: int = 2) -> list[dict]:
+    """Self time per operator and input shape (so per layer) over ``steps`` training steps of
+    facade_fcn, batch 8, with the given variant's flags, after one warm-up step."""
+    amp = None if variant.startswith("fp32") else variant.split("+")[0]
+    rt = runtime(device, amp, "+cl" in variant)
+    images, labels, _ = load_part2(args, 8 * (steps + 1))
+    mean, std = datasets.channel_stats(images)
+    loader = datasets.TensorLoader(
+        images.to(rt.device), labels.to(rt.device), 8, mean=mean, std=std, train=True
+    )
+    net, _ = utils.prepare_model(build_model("facade_fcn"), rt)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = engine.build_scheduler(opt, "constant", steps + 1)
+    engine.train_one_epoch(net, loader, engine.CrossEntropy(), opt, sched, rt, 0, max_steps=1)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if rt.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        engine.train_one_epoch(
+            net, loader, engine.CrossEntropy(), opt, sched, rt, 0, max_steps=steps
+        )
+    attribute = "self_device_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if getattr(e, attribute)]
+    total = sum(getattr(e, attribute) for e in events)
+    events.sort(key=lambda e: getattr(e, attribute), reverse=True)
+    return [
+        {"op": e.key, "input_shapes": str(e.input_shapes)[:70], "calls": e.count,
+         "ms_per_step": getattr(e, attribute) / 1e3 / steps,
+         "share": getattr(e, attribute) / total}
+        for e in events[:15]
+    ]  # fmt: skip
+
+
+def format_profile(profile: list[dict]) -> str:
+    lines = [
+        "Part 2 training step, facade_fcn, batch 8 (self time per operator and input shape):",
+        "| op | input shapes | ms per step | share |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {p['op']} | {p['input_shapes']} | {p['ms_per_step']:.1f} | {100 * p['share']:.1f}% |"
+        for p in profile
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- time to quality
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (.*)$")
+EPOCH_AP = re.compile(r"epoch (\d+)/\d+ .*val_mean_ap=([0-9.]+)")
+QUALITY = (0.539, 0.80)  # the reference's mean AP, the CPU recipe's target
+
+
+def time_to_quality(run_dir: Path) -> dict:
+    """Wall minutes from the run's first log line until its validation mean AP (metrics.csv's
+    val_mean_ap, logged every --val-ap-every epochs) first reached each QUALITY level."""
+    if not (run_dir / "results.json").is_file() or not (run_dir / "log.txt").is_file():
+        raise utils.UserError(f"{run_dir} is not a finished run folder (no results.json)")
+    stamps, reached = [], {}
+    for line in (run_dir / "log.txt").read_text().splitlines():
+        match = LOG_LINE.match(line)
+        if not match:
+            continue
+        stamps.append(datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f"))
+        ap = EPOCH_AP.search(match[2])
+        for level in QUALITY:
+            if ap and level not in reached and float(ap[2]) >= level:
+                minutes = (stamps[-1] - stamps[0]).total_seconds() / 60
+                reached[level] = {"minutes": minutes, "epoch": int(ap[1])}
+    results = runfiles.read_json(run_dir / "results.json")
+    environment = runfiles.read_json(run_dir / "args.json").get("environment", {})
+    return {
+        "run": str(run_dir),
+        "device": environment.get("gpu") or environment.get("device"),
+        "val_mean_ap_reached": {str(level): reached.get(level) for level in QUALITY},
+        "wall_minutes": (stamps[-1] - stamps[0]).total_seconds() / 60 if stamps else None,
+        "test_mean_ap": results.get("mean_ap"),
+    }
+
+
+def format_quality(quality: list[dict]) -> str:
+    head = " | ".join(f"val AP >= {level}: min (epoch)" for level in QUALITY)
+    lines = [f"| run | device | {head} | wall min | test mean AP |", "|---|---|" + "---:|" * 4]
+    for q in quality:
+        cells = [
+            "not reached" if r is None else f"{r['minutes']:.1f} ({r['epoch']})"
+            for r in q["val_mean_ap_reached"].values()
+        ]
+        lines.append(
+            f"| {q['run']} | {q['device']} | {' | '.join(cells)} | {q['wall_minutes']:.1f} | "
+            f"{q['test_mean_ap']:.4f} |"
+        )
     return "\n".join(lines)
 
 

@@ -195,11 +195,16 @@ def format_value(value) -> str:
 
 def short_label(recipe: dict, keys: list[str]) -> str:
     """'model=unet lr=0.002', cut to MAX_LABEL_CHARS with '+N more' for the rest."""
-    parts = [f"{k}={format_value(recipe.get(k))}" for k in keys]
+    parts = [f"{k}={format_value(recipe[k]) if k in recipe else '-'}" for k in keys]
     for n in range(len(parts), 0, -1):
         label = " ".join(parts[:n]) + (f" +{len(parts) - n} more" if n < len(parts) else "")
         if len(label) <= MAX_LABEL_CHARS or n == 1:
             return label
+
+
+def group_key(recipe: dict) -> str:
+    """A switch left off equals its absence: older folders predate newer flags (--tta)."""
+    return canonical({k: v for k, v in recipe.items() if v is not False})
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -207,12 +212,12 @@ def group_runs(runs: list[Run]) -> list[Group]:
     LABEL_FIRST ones first; one group: the model); labels that come out alike are numbered."""
     members: dict[str, list[Run]] = {}
     for run in runs:
-        members.setdefault(canonical(recipe_of(run.args)), []).append(run)
+        members.setdefault(group_key(recipe_of(run.args)), []).append(run)
     recipes = [recipe_of(group[0].args) for group in members.values()]
     keys = [
         k
         for k in dict.fromkeys([*LABEL_FIRST, *(k for r in recipes for k in r)])
-        if len({canonical(r.get(k)) for r in recipes}) > 1
+        if len({canonical(r.get(k, False)) for r in recipes}) > 1
     ]
     groups = []
     for recipe, group in zip(recipes, members.values()):

@@ -376,7 +376,9 @@ def fit(
         )
         utils.broadcast_module_state(model_without_ddp, rt)  # rank 0's BatchNorm statistics
         ap_due = ap_every and (epoch % ap_every == 0 or epoch == last_epoch)
-        val_metric = PixelScores(num_classes) if ap_due else ConfusionMatrix(num_classes)
+        val_metric = (
+            PixelScores(num_classes, softmax=False) if ap_due else ConfusionMatrix(num_classes)
+        )
         val_stats = evaluate(
             model_without_ddp, val_loader, loss_fn, rt, val_metric, desc=f"epoch {epoch} val"
         )

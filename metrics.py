@@ -109,8 +109,8 @@ class PixelScores:
     """Keeps every pixel's class scores (float32) and label for exact AP at the end, plus a
     confusion matrix. Memory: 4 bytes x classes x pixels (144 MB for 110 facades)."""
 
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
+    def __init__(self, num_classes: int, softmax: bool = True):
+        self.num_classes, self.softmax = num_classes, softmax  # softmax=False: raw-score AP only
         self.confusion = ConfusionMatrix(num_classes)
         self.reset()
 
@@ -137,20 +137,21 @@ class PixelScores:
         scores, labels = torch.cat(self.scores), torch.cat(self.labels).long()
         valid = labels < self.num_classes
         scores, labels = scores[valid], labels[valid]
-        probs = torch.softmax(scores, dim=1)
         ap, curves = [], []
         for c in range(self.num_classes):
             steps = precision_recall_steps(labels == c, scores[:, c])
             ap.append(ap_from_steps(steps))
             curves.append(None if steps is None else subsample_curve(*steps))
-        ap_softmax = [average_precision(labels == c, probs[:, c]) for c in range(self.num_classes)]
         cm = self.confusion.compute()
-        return {
+        softmax = {}
+        if self.softmax:
+            probs = torch.softmax(scores, dim=1)
+            ap_softmax = [average_precision(labels == c, probs[:, c]) for c in range(len(ap))]
+            softmax = {"ap_softmax": ap_softmax, "mean_ap_softmax": float(np.nanmean(ap_softmax))}
+        return softmax | {
             "ap": ap,
             "pr_curves": curves,
             "mean_ap": float(np.nanmean(ap)),
-            "ap_softmax": ap_softmax,
-            "mean_ap_softmax": float(np.nanmean(ap_softmax)),
             "pixel_accuracy": cm["accuracy"],
             "accuracy": cm["accuracy"],  # the name the epoch log uses for either part
             "iou": cm["iou"],

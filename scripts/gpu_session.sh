@@ -3,8 +3,9 @@
 # Each job is a full run folder; whatever has finished by the deadline is packed into
 # OUT/runs.tar.gz (no checkpoints). Usage:
 #   bash scripts/gpu_session.sh OUT_DIR DEADLINE_S PARALLEL FACADE_DIR FASHION_DIR [JOBSET]
-# JOBSET: search (seeds and recipe candidates) or defaults (reference models, fp32 against
-# bf16 + channels-last, 3 seeds each). Without MPS, processes time-slice the GPU: more than a
+# JOBSET: search (seeds and recipe candidates), defaults (reference models, fp32 against
+# bf16 + channels-last, 3 seeds each) or seeds (the full U-Net recipe, then its best epoch
+# tested again with --tta; the seeds defaults lacked; fashion_net). Without MPS, processes time-slice the GPU: more than a
 # few at once slowed each job about 10x here (fashion_net: 17 epochs in 6 minutes).
 # Timings of jobs that share the GPU are not throughput figures: use benchmark.py for those.
 set -u
@@ -29,6 +30,14 @@ defaults() {  # two lanes: the Part 2 runs, the Part 1 runs
   for s in 0 1 2; do echo "p1_sig_fp32_s$s|$P1 --seed $s --time-limit 5"; done
   for s in 0 1 2; do echo "p2_fcn_fast_s$s|$P2 $FAST --seed $s --time-limit 5"; done
   for s in 0 1 2; do echo "p1_sig_fast_s$s|$P1 $FAST --seed $s --time-limit 5"; done
+}
+seeds() {  # longest first; one lane for the rest while the three U-Nets run
+  for s in 0 1 2; do echo "p2_unet_s$s|$P2 --model unet $FAST --seed $s --time-limit 7.5"; done
+  echo "p2_fcn_fp32_s2|$P2 --seed 2 --time-limit 5"
+  for s in 0 1 2; do echo "p2_fcn_fast_s$s|$P2 $FAST --seed $s --time-limit 5"; done
+  echo "p1_sig_fp32_s2|$P1 --seed 2 --time-limit 3"
+  for s in 0 1 2; do echo "p1_sig_fast_s$s|$P1 $FAST --seed $s --time-limit 3"; done
+  for s in 0 1 2; do echo "p1_fnet_s$s|$P1 --model fashion_net $FAST --seed $s --time-limit 5"; done
 }
 search() {  # name | command; longest first
   for s in 0 1 2; do echo "p2_unet_s$s|$P2 --model unet $FAST --seed $s --time-limit 6.5"; done
@@ -56,9 +65,14 @@ run_job() {
   local start=$(date +%s)
   $PY $cmd --output-dir "$OUT/runs/$name" > "$OUT/logs/$name.log" 2>&1
   echo "$name rc=$? $(( $(date +%s) - start ))s" >> "$OUT/logs/done.txt"
+  if [[ $name == p2_unet* && -f $OUT/runs/$name/results.json ]]; then
+    $PY part2_segment.py --eval-only "$OUT/runs/$name/checkpoints/best.pt" --data "$FACADE" \
+      --tta --amp --channels-last --no-progress > "$OUT/logs/$name.tta.log" 2>&1
+    echo "$name tta rc=$? $(( $(date +%s) - start ))s" >> "$OUT/logs/done.txt"
+  fi
 }
 export -f run_job
-export OUT PY
+export OUT PY FACADE
 start=$(date +%s)
 $JOBSET | setsid xargs -d '\n' -P "$PARALLEL" -I{} bash -c 'run_job "$@"' _ {} &
 pool=$!

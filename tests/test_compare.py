@@ -316,6 +316,15 @@ def test_bookkeeping_args_do_not_split_a_group_but_numerics_do(tmp_path):
     ]
 
 
+def test_a_switch_left_off_groups_with_folders_that_predate_it(tmp_path):
+    older = make_run(tmp_path / "a", seed=0)  # no "tta" in args.json
+    off = make_run(tmp_path / "b", seed=1, tta=False)
+    on = make_run(tmp_path / "c", seed=2, tta=True)
+    groups = compare.group_runs(compare.load_runs([older, off, on]))
+    assert [len(g.runs) for g in groups] == [2, 1]
+    assert [g.label for g in groups] == ["tta=-", "tta=True"]
+
+
 def test_long_labels_are_cut_and_stay_unique(tmp_path):
     recipes = [
         {

@@ -1,0 +1,102 @@
+"""benchmark.py's reading of results: the target table, time to quality from a run's log, and the
+per-layer profile (on small images; the timings themselves are the benchmark's job)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+import utils
+
+
+def make_quality_run(folder, aps, finished=True):
+    """A Part 2 run folder whose log.txt has one epoch a minute with the given val_mean_ap."""
+    folder.mkdir()
+    lines = ["2026-01-01 10:00:00,000 run folder: x"]
+    for epoch, ap in enumerate(aps, 1):
+        lines.append(
+            f"2026-01-01 10:{epoch:02d}:30,000 epoch {epoch}/{len(aps)}  lr=0.001  "
+            f"val_loss=0.5  val_mean_ap={ap}  epoch_time_s=60"
+        )
+    (folder / "log.txt").write_text("\n".join(lines) + "\n")
+    (folder / "args.json").write_text(json.dumps({"environment": {"device": "cpu"}}))
+    if finished:
+        (folder / "results.json").write_text(json.dumps({"mean_ap": 0.75}))
+    return folder
+
+
+def test_time_to_quality_is_the_first_logged_epoch_past_each_level(tmp_path):
+    run = make_quality_run(tmp_path / "r", ["nan", "0.5", "nan", "0.6", "0.55", "0.79"])
+    found = benchmark.time_to_quality(run)
+    assert found["val_mean_ap_reached"] == {"0.539": {"minutes": 4.5, "epoch": 4}, "0.8": None}
+    assert found["wall_minutes"] == pytest.approx(6.5)
+    assert found["test_mean_ap"] == 0.75 and found["device"] == "cpu"
+    table = benchmark.format_quality([found])
+    assert "| 4.5 (4) | not reached | 6.5 | 0.7500 |" in table
+
+
+def test_time_to_quality_refuses_an_unfinished_run(tmp_path):
+    run = make_quality_run(tmp_path / "r", ["0.9"], finished=False)
+    with pytest.raises(utils.UserError, match="not a finished run"):
+        benchmark.time_to_quality(run)
+
+
+def test_targets_use_the_default_rows_and_the_fp32_channels_last_row():
+    def row(pipeline, precision, phase, speedup, default=False):
+        return {"part": "part2", "pipeline": pipeline, "precision": precision, "phase": phase,
+                "speedup_vs_naive": speedup, "default": default}  # fmt: skip
+
+    rows = [
+        row("naive", "fp32", "train", 1.0),
+        row("ours", "fp32", "train", 1.2),
+        row("ours", "fp32+cl", "train", 1.6),
+        row("ours", "bf16+cl", "train", 2.9, default=True),
+        row("ours", "bf16+cl", "eval", 4.5, default=True),
+    ]
+    values = [(t["value"], t["met"]) for t in benchmark.targets(rows, {"ap_curves_s": 4.0})]
+    assert values == [(2.9, False), (1.6, True), (4.5, True), (4.0, True)]
+    assert "| 2.90 | >= 3 | no |" in benchmark.format_targets(benchmark.targets(rows, {}))
+    assert "| not measured | <= 5 | - |" in benchmark.format_targets(benchmark.targets(rows, {}))
+
+
+def test_profile_names_the_convolutions_of_a_training_step(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+
+    def small_facades(args, count):
+        images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=g)
+        return images, torch.randint(0, 5, (count, 32, 32), dtype=torch.uint8, generator=g), None
+
+    monkeypatch.setattr(benchmark, "load_part2", small_facades)
+    profile = benchmark.profile_part2(None, "cpu", "fp32+cl", steps=1)
+    assert 0 < len(profile) <= 15
+    assert any("convolution" in p["op"] for p in profile)
+    shares = [p["share"] for p in profile]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+
+
+def test_benchmark_runs_as_a_script(tmp_path):
+    """Part 1 on random data, a few steps, and --quality: every section reaches the JSON."""
+    run = make_quality_run(tmp_path / "r", ["0.6", "0.85"])
+    out = tmp_path / "bench.json"
+    argv = "--parts 1 --synthetic --scale 0.05 --threads 1 --quality".split()
+    proc = subprocess.run(
+        [sys.executable, "benchmark.py", *argv, str(run), "--output", str(out)],
+        cwd=Path(benchmark.__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(out.read_text())
+    defaults = [r for r in info["rows"] if r["default"]]
+    assert [r["phase"] for r in defaults] == ["train", "eval"]
+    assert {r["precision"] for r in defaults} == {info["default_flags"]}
+    assert [t["met"] for t in info["targets"]] == [None] * 4  # Part 2 was not run
+    reached = info["time_to_quality"][0]["val_mean_ap_reached"]
+    assert reached == {"0.539": {"minutes": 1.5, "epoch": 1}, "0.8": {"minutes": 2.5, "epoch": 2}}
