@@ -59,10 +59,16 @@ def test_targets_use_the_default_rows_and_the_fp32_channels_last_row():
         row("ours", "bf16+cl", "train", 2.9, default=True),
         row("ours", "bf16+cl", "eval", 4.5, default=True),
     ]
-    values = [(t["value"], t["met"]) for t in benchmark.targets(rows, {"ap_curves_s": 4.0})]
+    values = [
+        (t["value"], t["met"]) for t in benchmark.targets(rows, {"ap_curves_s": 4.0}, "bf16+cl")
+    ]
     assert values == [(2.9, False), (1.6, True), (4.5, True), (4.0, True)]
-    assert "| 2.90 | >= 3 | no |" in benchmark.format_targets(benchmark.targets(rows, {}))
-    assert "| not measured | <= 5 | - |" in benchmark.format_targets(benchmark.targets(rows, {}))
+    assert "| 2.90 | >= 3 | no |" in benchmark.format_targets(
+        benchmark.targets(rows, {}, "bf16+cl")
+    )
+    assert "| not measured | <= 5 | - |" in benchmark.format_targets(
+        benchmark.targets(rows, {}, "bf16+cl")
+    )
 
 
 def test_profile_names_the_convolutions_of_a_training_step(monkeypatch):
@@ -73,7 +79,7 @@ def test_profile_names_the_convolutions_of_a_training_step(monkeypatch):
         return images, torch.randint(0, 5, (count, 32, 32), dtype=torch.uint8, generator=g), None
 
     monkeypatch.setattr(benchmark, "load_part2", small_facades)
-    profile = benchmark.profile_part2(None, "cpu", "fp32+cl", steps=1)
+    profile = benchmark.profile_part2(None, "cpu", None, True, steps=1)
     assert 0 < len(profile) <= 15
     assert any("convolution" in p["op"] for p in profile)
     shares = [p["share"] for p in profile]
