@@ -31,7 +31,12 @@ from metrics import ConfusionMatrix
 TASK, OUTPUT_ROOT = "classification", "outputs/part1"
 NAMES = datasets.FASHION_CLASSES
 REFERENCE_MEAN_PER_CLASS_ACCURACY = 0.862  # the reference report's sigmoid CNN
-DEFAULTS = {"model": "sigmoid_cnn", "data_root": "data/fashion-mnist", "val_fraction": 0.2}
+DEFAULTS = {
+    "model": "sigmoid_cnn",
+    "data_root": "data/fashion-mnist",
+    "val_fraction": 0.2,
+    "tta": False,
+}
 SELECT = ("val_accuracy", "max")  # the best epoch: highest validation accuracy
 # Per-model training recipes: flags left unset take these values.
 RECIPES = {
@@ -49,6 +54,8 @@ RECIPES = {
         label_smoothing=0.0,
         augment="none",
     ),
+    # Width 48 with random erasing and 90 % of the training images (6,000 still validate) fits 40
+    # epochs in ~28 minutes on a 2-core CPU; with --tta 95.2 % on seed 0 (README, Results).
     "fashion_net": dict(
         epochs=40,
         batch_size=128,
@@ -58,7 +65,9 @@ RECIPES = {
         schedule="cosine",
         warmup_epochs=1,
         label_smoothing=0.1,
-        augment="translate_flip",
+        augment="translate_flip_erase",
+        width=48,
+        val_fraction=0.1,
     ),
 }
 AUGMENTATIONS = {
@@ -115,7 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--val-fraction",
         type=cli.float_in(0, 1, high_open=True),
         metavar="F",
-        help="share of the training images held out for validation (default: 0.2)",
+        help="share of the training images held out for validation (default: per model, "
+        "0.2 for sigmoid_cnn as in the reference, 0.1 for fashion_net)",
     )
     d.add_argument(
         "--train-limit",
@@ -142,7 +152,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="cross-entropy label smoothing (default: per model)",
     )
+    parser.add_argument(
+        "--width",
+        type=cli.POSITIVE_INT,
+        metavar="C",
+        help="fashion_net's first-block channels; the next blocks have 2C and 4C (default: 48)",
+    )
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="test with the mean logits of each image and its mirror image (one more forward "
+        "pass per test image; validation and training are unchanged; default: off)",
+    )
     return parser
+
+
+def model_kwargs(args) -> dict:
+    width = {"width": args.width} if args.model == "fashion_net" else {}
+    return {"num_classes": len(NAMES)} | width
 
 
 def load_data(args, rt: utils.Runtime, ckpt: dict | None):
@@ -192,7 +219,9 @@ def main(args) -> dict:
         seed=args.seed, rank=rt.rank, world_size=rt.world_size,
         augment=AUGMENTATIONS[args.augment],
     )  # fmt: skip
-    net = models.build_model(args.model, num_classes=len(NAMES))
+    net = models.build_model(args.model, **(ckpt["model_kwargs"] if ckpt else model_kwargs(args)))
+    if ckpt:  # the width built (older checkpoints lack the key: the default), not the recipe's
+        args.width = getattr(net, "width", None)
     model, model_without_ddp = utils.prepare_model(
         net, rt, compile_model=args.compile, sync_bn=args.sync_bn
     )
@@ -204,16 +233,17 @@ def main(args) -> dict:
         model_without_ddp.load_state_dict(ckpt["model"])
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
-        meta = dict(task=TASK, model_name=args.model, model_kwargs={"num_classes": len(NAMES)},
+        meta = dict(task=TASK, model_name=args.model, model_kwargs=model_kwargs(args),
                     class_names=NAMES, normalization=normalization, args=vars(args))  # fmt: skip
         nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
         tested = engine.fit(
             args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt, select=SELECT
         )
     metric = ConfusionMatrix(len(NAMES), keep_predictions=True)
-    results = engine.evaluate(model_without_ddp, test_loader, loss_fn, rt, metric, desc="test")
+    tested_model = models.FlipAverage(model_without_ddp) if args.tta else model_without_ddp
+    results = engine.evaluate(tested_model, test_loader, loss_fn, rt, metric, desc="test")
     if rt.is_main:
-        tested["model"] = args.model
+        tested |= {"model": args.model, "tta": args.tta}
         results = write_outputs(run_dir, results | tested, model_without_ddp, splits["test"],
                                 normalization, log)  # fmt: skip
     runfiles.close_logger(log)
@@ -244,6 +274,7 @@ def write_outputs(run_dir: Path, test: dict, model, test_split, normalization: d
         "checkpoint": test["checkpoint"],
         "checkpoint_epoch": test["checkpoint_epoch"],
         "model": test["model"],
+        "tta": test["tta"],
         "parameters": models.count_parameters(model),
         "normalization": normalization,
     }

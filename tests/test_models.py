@@ -65,6 +65,18 @@ def test_unet_256():
         assert net(torch.randn(1, 3, 256, 256)).shape == (1, 5, 256, 256)
 
 
+def test_flip_average_mirrors_back_pixel_scores_but_not_class_logits():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 4, 6)
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(24, 3))
+    want = (classifier(x) + classifier(x.flip(-1))) / 2
+    assert torch.allclose(models.FlipAverage(classifier)(x), want)
+    segmenter = torch.nn.Conv2d(1, 3, 3, padding=1)
+    want = (segmenter(x) + segmenter(x.flip(-1)).flip(-1)) / 2
+    assert torch.allclose(models.FlipAverage(segmenter)(x), want)
+    assert models.FlipAverage(classifier).size_multiple == 1
+
+
 def test_unet_default_width_parameters_and_shape():
     net = models.build_model("unet").eval()
     with torch.no_grad():

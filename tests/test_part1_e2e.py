@@ -146,7 +146,8 @@ def test_checkpoints(part1_run):
     assert last["scheduler"]["last_epoch"] == 8  # 2 epochs x 4 steps
 
 
-def _predict(ckpt, images_u8, batch=2000):
+def _predict(ckpt, images_u8, batch=2000, flip=False):
+    """Predicted classes, recomputed by hand; flip: from the mean logits of image and mirror."""
     net = models.build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
     net.load_state_dict(ckpt["model"])
     net.eval()
@@ -155,7 +156,9 @@ def _predict(ckpt, images_u8, batch=2000):
     preds = []
     with torch.no_grad():
         for chunk in images_u8.split(batch):
-            preds.append(net((chunk.float() / 255 - mean) / std).argmax(1))
+            x = (chunk.float() / 255 - mean) / std
+            logits = (net(x) + net(x.flip(-1))) / 2 if flip else net(x)
+            preds.append(logits.argmax(1))
     return torch.cat(preds)
 
 
@@ -198,6 +201,35 @@ def test_eval_only_reproduces(part1_run, fashion_data, tmp_path):
     assert (
         not (other / "checkpoints").exists() and not (other / "metrics.csv").exists()
     )  # no training
+
+
+@pytest.fixture(scope="module")
+def fashion_net_w8(fashion_data, tmp_path_factory):
+    """A small trained fashion_net (width 8, 1000 images, 2 epochs, fp32, standard layout): the
+    2-epoch sigmoid_cnn run answers one class for every image, mirrored or not."""
+    out = tmp_path_factory.mktemp("fashion_net") / "w8"
+    flags = "--no-download --model fashion_net --width 8 --train-limit 1000 --epochs 2".split()
+    flags += "--batch-size 32 --lr 0.005".split()
+    res = run_part1("--data-root", fashion_data.root, *flags, "--no-amp", "--no-channels-last",
+                    "--output-dir", out)  # fmt: skip
+    return out, res
+
+
+def test_tta_predicts_from_the_mean_logits_of_the_image_and_its_mirror(
+    fashion_net_w8, fashion_data, tmp_path
+):
+    run_dir, trained = fashion_net_w8
+    best = run_dir / "checkpoints/best.pt"
+    flags = "--no-download --eval-batch-size 2000 --tta".split()
+    res = run_part1("--eval-only", best, "--data-root", fashion_data.root, *flags,
+                    "--no-channels-last", "--output-dir", tmp_path / "tta")  # fmt: skip
+    images, labels = datasets.load_fashion_split(fashion_data.root, "test")
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    flipped, plain = _predict(ckpt, images, flip=True), _predict(ckpt, images)
+    assert not torch.equal(flipped, plain)  # the mirror changes some answers
+    assert res["tta"] is True and trained["tta"] is False
+    assert res["test_accuracy"] == pytest.approx((flipped == labels).double().mean().item())
+    assert trained["test_accuracy"] == pytest.approx((plain == labels).double().mean().item())
 
 
 def test_report_only_rebuilds(part1_run):
@@ -274,15 +306,34 @@ def test_fashion_net_smoke(fashion_root, tmp_path):
     flags = "--model fashion_net --train-limit 600 --epochs 2".split()
     run_part1("--data-root", fashion_root, *flags, "--output-dir", out)
     res = runfiles.read_json(out / "results.json")
-    assert res["model"] == "fashion_net" and res["parameters"] == 584874
+    assert res["model"] == "fashion_net" and res["parameters"] == 1090042  # width 48
     assert 0 <= res["test_accuracy"] <= 1
     rows = runfiles.read_csv(out / "metrics.csv")
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     args = runfiles.read_json(out / "args.json")
     assert (
-        args["augment"] == "translate_flip"
+        args["augment"] == "translate_flip_erase"
         and args["label_smoothing"] == 0.1
         and args["optimizer"] == "adamw"
+        and args["width"] == 48
+        and args["val_fraction"] == 0.1
     )
+    assert "540 train / 60 val" in (out / "log.txt").read_text()
     for fig in (f.path for f in part1_classify.FIGURES):
         assert (out / fig).is_file(), fig
+
+
+def test_fashion_net_width_is_kept_in_the_checkpoint(fashion_net_w8, fashion_data, tmp_path):
+    """--width builds a narrower or wider fashion_net; --eval-only rebuilds it from the
+    checkpoint without being told."""
+    run_dir, res = fashion_net_w8
+    best = run_dir / "checkpoints" / "best.pt"
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    assert ckpt["model_kwargs"] == {"num_classes": 10, "width": 8}
+    assert res["parameters"] == models.count_parameters(models.FashionNet(width=8)) < 584874
+    again = tmp_path / "w8_eval"
+    evaluated = run_part1("--eval-only", best, "--data-root", fashion_data.root,
+                          "--no-download", "--output-dir", again)  # fmt: skip
+    assert evaluated["test_accuracy"] == res["test_accuracy"]
+    assert evaluated["parameters"] == res["parameters"]
+    assert runfiles.read_json(again / "args.json")["width"] == 8  # not the recipe's 48
