@@ -29,8 +29,10 @@ def launched_by_torchrun() -> bool:
 
 def run_cli(main: Callable, parser, argv=None) -> None:
     """Parse arguments and run ``main``; a user error becomes one line on stderr and exit 2.
-    Under torchrun a failing rank leaves at once with its code: torchrun then stops the others,
-    where a normal interpreter exit could hang in (or abort from) the process group's teardown."""
+    Under torchrun every rank leaves with os._exit once its streams are flushed: a failing rank at
+    once (torchrun then stops the others), a finished one after cleanup_runtime's barrier. A normal
+    interpreter exit could hang in, or abort from, gloo's teardown ("terminate called without an
+    active exception", seen in a CI run after every output had been written)."""
     args = parser.parse_args(argv)
     code = 0
     try:
@@ -45,7 +47,7 @@ def run_cli(main: Callable, parser, argv=None) -> None:
             file=sys.stderr,
         )
         code = 130
-    if code and launched_by_torchrun():
+    if launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
