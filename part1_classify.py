@@ -168,6 +168,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def model_kwargs(args) -> dict:
+    if args.width is not None and args.model != "fashion_net":
+        raise utils.UserError(f"--width applies to fashion_net only, not {args.model}")
     width = {"width": args.width} if args.model == "fashion_net" else {}
     return {"num_classes": len(NAMES)} | width
 
@@ -213,13 +215,14 @@ def main(args) -> dict:
     if args.report_only:
         return rebuild_report(Path(args.report_only))
     ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
+    net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
     splits, normalization = load_data(args, rt, ckpt)  # bad data stops before the run folder
     train_loader, val_loader, test_loader = datasets.split_loaders(
         splits, normalization, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         seed=args.seed, rank=rt.rank, world_size=rt.world_size,
         augment=AUGMENTATIONS[args.augment],
     )  # fmt: skip
-    net = models.build_model(args.model, **(ckpt["model_kwargs"] if ckpt else model_kwargs(args)))
+    net = models.build_model(args.model, **net_kwargs)
     if ckpt:  # the width built (older checkpoints lack the key: the default), not the recipe's
         args.width = getattr(net, "width", None)
     model, model_without_ddp = utils.prepare_model(

@@ -190,6 +190,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def model_kwargs(args) -> dict:
+    if args.width is not None and args.model != "unet":
+        raise utils.UserError(f"--width applies to unet only, not {args.model}")
     unet = {"width": args.width, "depth": 4} if args.model == "unet" else {}
     return {"num_classes": NUM_CLASSES} | unet
 

@@ -114,6 +114,13 @@ def test_part1_report_only_not_a_run(tmp_path):
     assert_one_line_error(proc, mentions="results.json")
 
 
+def test_part1_width_without_a_width_model(tmp_path):
+    """--width means nothing to sigmoid_cnn: refused before the data is read."""
+    proc = _part1("--width", "8", "--data-root", str(tmp_path / "absent"), tmp_path=tmp_path)
+    assert_one_line_error(proc, mentions="--width applies to fashion_net only")
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- Part 2
 def _part2(data, tmp_path, *extra):
     run_dir = tmp_path / "run"
@@ -194,6 +201,11 @@ def test_part2_size_not_divisible_for_model(tmp_path, make_facade):
     data = make_facade(tmp_path / "syn40", size=40)
     proc, run_dir = _part2(data, tmp_path, "--model", "unet", "--width", "4", "--crop", "32")
     _check_part2_error(proc, run_dir, mentions="16")
+
+
+def test_part2_width_without_a_width_model(tmp_path, synthetic_facade):
+    proc, run_dir = _part2(synthetic_facade, tmp_path, "--width", "8")  # facade_fcn
+    _check_part2_error(proc, run_dir, mentions="--width applies to unet only")
 
 
 @no_cuda
