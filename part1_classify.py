@@ -236,7 +236,7 @@ def main(args) -> dict:
         model_without_ddp.load_state_dict(ckpt["model"])
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
-        meta = dict(task=TASK, model_name=args.model, model_kwargs=model_kwargs(args),
+        meta = dict(task=TASK, model_name=args.model, model_kwargs=net_kwargs,
                     class_names=NAMES, normalization=normalization, args=vars(args))  # fmt: skip
         nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
         tested = engine.fit(

@@ -264,7 +264,8 @@ def main(args) -> dict:
     ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
     if args.eval_batch_size is None:  # batch 1 evaluates ~40% faster than 10 on a 2-core CPU
         args.eval_batch_size = 10 if rt.device.type == "cuda" else 1
-    net = models.build_model(args.model, **(ckpt["model_kwargs"] if ckpt else model_kwargs(args)))
+    net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
+    net = models.build_model(args.model, **net_kwargs)
     if args.crop % net.size_multiple:
         raise utils.UserError(f"--crop {args.crop} is not a multiple of {net.size_multiple}")
     splits = load_data(args, rt, net.size_multiple)  # bad data stops before the run folder
@@ -282,7 +283,7 @@ def main(args) -> dict:
         model_without_ddp.load_state_dict(ckpt["model"])
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
-        meta = dict(task=TASK, model_name=args.model, model_kwargs=model_kwargs(args),
+        meta = dict(task=TASK, model_name=args.model, model_kwargs=net_kwargs,
                     class_names=NAMES, normalization=normalization, args=vars(args))  # fmt: skip
         nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
         loss_fn = make_loss(args.loss, splits["train"][1])
