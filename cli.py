@@ -152,15 +152,16 @@ def add_common_args(
     u.add_argument(
         "--device",
         default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="auto = CUDA when available, else the CPU (default: auto)",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="auto = CUDA, else Apple's MPS, else the CPU (default: auto)",
     )
     u.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
-        help="mixed precision (autocast) for the forward pass and loss; metrics are "
+        help="bf16 mixed precision (autocast) for the forward pass and loss; metrics are "
         "always computed from fp32 scores (default: on where the hardware computes bf16 "
-        "natively: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; --no-amp: fp32)",
+        "natively: CUDA compute capability >= 8.0, CPUs with AVX512-BF16 or AMX; fp32 "
+        "elsewhere, where bf16 would be emulated and slow; --no-amp: fp32)",
     )
     u.add_argument(
         "--amp-dtype",
@@ -170,9 +171,9 @@ def add_common_args(
     u.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="channels-last memory format for model and inputs: faster convolutions, the "
-        "same numbers within rounding (default: on)",
+        help="channels-last memory format for model and inputs; the same numbers within "
+        "rounding (default: where measured faster for the model on this kind of device; "
+        "the run's first log line says what was chosen and why)",
     )
     u.add_argument(
         "--compile",
@@ -284,12 +285,14 @@ def start(args: argparse.Namespace, *, task: str, defaults: dict, recipes: dict)
     resolve_args(args, defaults=defaults, recipes=recipes, ckpt=ckpt)
     rt = utils.setup_runtime(
         device=args.device,
+        model=args.model,
         amp=args.amp,
         amp_dtype=args.amp_dtype,
         channels_last=args.channels_last,
         threads=args.threads,
         progress=not args.no_progress,
     )
-    args.amp = rt.amp_dtype is not None  # args.json records what "auto" chose
+    args.amp = rt.amp_dtype is not None  # args.json records what the policy chose
+    args.channels_last = rt.channels_last  # the training layout (evaluation's is logged)
     utils.seed_everything(args.seed + rt.rank)
     return ckpt, rt

@@ -189,18 +189,20 @@ def evaluate(model, loader, loss_fn, rt: Runtime, metric=None, desc: str = "eval
     model.eval()
     sums, seen = None, 0
     start = time.perf_counter()
-    for x, y in tqdm(
+    bar = tqdm(
         loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (rt.is_main and rt.progress)
-    ):
-        x, y = rt.to_input(x), y.to(rt.device, non_blocking=True)
-        with rt.autocast():
-            logits = model(x)
-        logits = logits.float()  # fp32 already: the models' last layer runs outside autocast
-        batch = loss_fn.sums(logits, y)
-        sums = batch if sums is None else sums + batch
-        seen += x.shape[0]
-        if metric is not None:
-            metric.update(logits, y)
+    )
+    with rt.eval_layout(model):
+        for x, y in bar:
+            x, y = rt.to_input(x, train=False), y.to(rt.device, non_blocking=True)
+            with rt.autocast():
+                logits = model(x)
+            logits = logits.float()  # fp32 already: the models' last layer runs outside autocast
+            batch = loss_fn.sums(logits, y)
+            sums = batch if sums is None else sums + batch
+            seen += x.shape[0]
+            if metric is not None:
+                metric.update(logits, y)
     if sums is None:  # an empty shard still joins the all-reduce, with zeros
         sums = torch.zeros(loss_fn.num_sums, dtype=torch.float64, device=rt.device)
     counted = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64, device=rt.device)])

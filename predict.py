@@ -51,8 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device",
         default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="auto = CUDA when available (default: auto)",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="auto = CUDA, else Apple's MPS, else the CPU (default: auto)",
     )
     return parser
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import hardware
 from utils import Runtime, UserError, broadcast_object
 
 
@@ -237,6 +238,9 @@ def environment_info(rt: Runtime) -> dict:
         "threads": torch.get_num_threads(),
         "amp": str(rt.amp_dtype) if rt.amp_dtype else None,
     }
+    if rt.choice is not None:  # what the hardware policy chose, and why
+        info["precision"], info["memory_format"] = rt.choice.precision, rt.choice.memory_format
+        info["cpu_isa"] = hardware.describe_cpu_isa()
     if rt.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(rt.device)
         info["cuda"] = torch.version.cuda
@@ -259,16 +263,19 @@ def start_run(args, rt: Runtime, output_root: str) -> tuple[Path, logging.Logger
     log = get_logger(run_dir if rt.is_main else None, rt.is_main)
     if rt.is_main:
         environment = environment_info(rt)
+        log.info(
+            "device %s, %d process(es), global batch %d; %s; %s",
+            rt.device,
+            rt.world_size,
+            args.batch_size * rt.world_size,
+            environment.get("precision", f"amp {rt.amp_dtype}"),
+            environment.get("memory_format", f"channels-last {rt.channels_last}"),
+        )
+        for line in rt.choice.warnings if rt.choice else ():
+            log.warning(line)
         if args.resume:  # the same run, with the checkpoint's arguments: args.json stays as it was
             log.info("resumed from %s on %s", args.resume, json.dumps(environment))
         else:
             write_json(run_dir / "args.json", {**vars(args), "environment": environment})
         log.info("run folder: %s", run_dir)
-        log.info(
-            "device %s, %d process(es), global batch %d, amp %s",
-            rt.device,
-            rt.world_size,
-            args.batch_size * rt.world_size,
-            rt.amp_dtype,
-        )
     return run_dir, log

@@ -8,6 +8,7 @@ Nothing here knows about Fashion-MNIST, facades or training; ``engine.py`` holds
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import hardware
 
 
 class UserError(Exception):
@@ -63,8 +66,10 @@ class Runtime:
     world_size: int = 1
     amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
-    channels_last: bool = False
+    channels_last: bool = False  # the model and training inputs
+    eval_channels_last: bool = False  # evaluation (hardware.CPU_AVX2_STANDARD_LAYOUT)
     progress: bool = True
+    choice: hardware.Choice | None = None  # the policy's reasons, for args.json and the log
 
     @property
     def is_main(self) -> bool:
@@ -82,49 +87,73 @@ class Runtime:
             enabled=self.amp_dtype is not None,
         )
 
-    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+    def to_input(self, x: torch.Tensor, *, train: bool = True) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
+        if (self.channels_last if train else self.eval_channels_last) and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
+
+    @contextlib.contextmanager
+    def eval_layout(self, model: torch.nn.Module):
+        """The model in the evaluation memory format while inside, in the training one after
+        (the parameters keep their identity, so optimiser state and DDP are unaffected)."""
+        if self.eval_channels_last == self.channels_last:
+            yield model
+            return
+        convert_layout(model, self.eval_channels_last)
+        try:
+            yield model
+        finally:
+            convert_layout(model, self.channels_last)
+
+
+def convert_layout(model: torch.nn.Module, channels_last: bool) -> None:
+    """Out of inference mode even when called in it: weights made there could not be trained."""
+    with torch.inference_mode(False), torch.no_grad():
+        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def setup_runtime(
     *,
     device: str = "auto",
+    model: str | None = None,
     amp: bool | None = False,
     amp_dtype: str = "bf16",
-    channels_last: bool = False,
+    channels_last: bool | None = False,
     threads: int | None = None,
     progress: bool = True,
+    hw: hardware.Hardware | None = None,
 ) -> Runtime:
-    """Pick the device, start DDP when launched by torchrun, set up AMP (``amp=None``: on where
-    the device computes bf16 natively)."""
+    """Pick the device, start DDP when launched by torchrun, and apply the hardware policy for
+    ``model``: ``amp`` / ``channels_last`` None let it choose (``hardware.choose``)."""
     if threads:
         torch.set_num_threads(threads)
-    cuda_ok = torch.cuda.is_available()
-    if device == "cuda" and not cuda_ok:
-        raise UserError(
-            "--device cuda was given but CUDA is not available on this machine "
-            "(use --device cpu or auto)"
-        )
-    use_cuda = cuda_ok and device != "cpu"
-    if amp is not False and amp_dtype == "fp16" and not use_cuda:
+    hw = hw or hardware.read_hardware()
+    for name, present in (("cuda", hw.cuda), ("mps", hw.mps)):
+        if device == name and not present:
+            raise UserError(
+                f"--device {name} was given but {name.upper()} is not available on this "
+                "machine (use --device cpu or auto)"
+            )
+    kind = hardware.pick_device(device, hw)
+    if amp is not False and amp_dtype == "fp16" and kind != "cuda":
         raise UserError("--amp-dtype fp16 needs CUDA; use the default bf16 on the CPU")
+    choice = hardware.choose(
+        kind, hw, model=model, amp=amp, amp_dtype=amp_dtype, channels_last=channels_last
+    )
     rank, local_rank, world_size = 0, 0, 1
     if launched_by_torchrun():
+        if kind == "mps":
+            raise UserError("torchrun has no process-group backend for MPS; use --device cpu")
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if use_cuda:
+        if kind == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    torch_device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if amp is None:
-        amp = native_bf16(torch_device)
-    dtype = (torch.float16 if amp_dtype == "fp16" else torch.bfloat16) if amp else None
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    torch_device = torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
     # The scaler only does something for fp16; for bf16/fp32 it is a pass-through.
-    scaler = torch.amp.GradScaler(torch_device.type, enabled=dtype is torch.float16)
-    if use_cuda:
+    scaler = torch.amp.GradScaler(torch_device.type, enabled=choice.amp_dtype is torch.float16)
+    if kind == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -133,23 +162,13 @@ def setup_runtime(
         rank=rank,
         local_rank=local_rank,
         world_size=world_size,
-        amp_dtype=dtype,
+        amp_dtype=choice.amp_dtype,
         scaler=scaler,
-        channels_last=channels_last,
+        channels_last=choice.channels_last,
+        eval_channels_last=choice.eval_channels_last,
         progress=progress,
+        choice=choice,
     )
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the hardware computes bf16 natively (CUDA with bf16, CPUs with AVX512-BF16 or
-    AMX), where --amp pays off most."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:  # not Linux: no cheap way to ask
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def cleanup_runtime(rt: Runtime) -> None:

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 import benchmark
+import benchmark_checks
+import hardware
+import quality
 import utils
 
 
@@ -33,42 +36,64 @@ def make_quality_run(folder, aps, finished=True):
 
 def test_time_to_quality_is_the_first_logged_epoch_past_each_level(tmp_path):
     run = make_quality_run(tmp_path / "r", ["nan", "0.5", "nan", "0.6", "0.55", "0.79"])
-    found = benchmark.time_to_quality(run)
+    found = quality.time_to_quality(run)
     assert found["val_mean_ap_reached"] == {"0.539": {"minutes": 4.5, "epoch": 4}, "0.8": None}
     assert found["wall_minutes"] == pytest.approx(6.5)
     assert found["test_mean_ap"] == 0.75 and found["device"] == "cpu"
-    table = benchmark.format_quality([found])
+    table = quality.format_quality([found])
     assert "| 4.5 (4) | not reached | 6.5 | 0.7500 |" in table
 
 
 def test_time_to_quality_refuses_an_unfinished_run(tmp_path):
     run = make_quality_run(tmp_path / "r", ["0.9"], finished=False)
     with pytest.raises(utils.UserError, match="not a finished run"):
-        benchmark.time_to_quality(run)
+        quality.time_to_quality(run)
 
 
-def test_targets_use_the_default_rows_and_the_fp32_channels_last_row():
-    def row(pipeline, precision, phase, speedup, default=False):
+def test_targets_use_the_default_rows_of_each_phase():
+    def row(pipeline, precision, phase, speedup):
         return {"part": "part2", "pipeline": pipeline, "precision": precision, "phase": phase,
-                "speedup_vs_naive": speedup, "default": default}  # fmt: skip
+                "speedup_vs_naive": speedup}  # fmt: skip
 
     rows = [
         row("naive", "fp32", "train", 1.0),
-        row("ours", "fp32", "train", 1.2),
-        row("ours", "fp32+cl", "train", 1.6),
-        row("ours", "bf16+cl", "train", 2.9, default=True),
-        row("ours", "bf16+cl", "eval", 4.5, default=True),
+        row("ours", "fp32", "train", 1.35),
+        row("ours", "fp32+cl", "train", 1.1),
+        row("ours", "fp32", "eval", 3.0),
+        row("ours", "fp32+cl", "eval", 4.5),
     ]
-    values = [
-        (t["value"], t["met"]) for t in benchmark.targets(rows, {"ap_curves_s": 4.0}, "bf16+cl")
+    avx2 = {"part2/train": "fp32", "part2/eval": "fp32+cl"}
+    found = benchmark_checks.targets(rows, {"ap_curves_s": 4.0}, avx2)
+    assert [(t["value"], t["target"], t["met"]) for t in found] == [
+        (1.35, 1.3, True),  # fp32 training: 1.3x naive
+        (4.5, 4.0, True),
+        (4.0, 5.0, True),
     ]
-    assert values == [(2.9, False), (1.6, True), (4.5, True), (4.0, True)]
-    assert "| 2.90 | >= 3 | no |" in benchmark.format_targets(
-        benchmark.targets(rows, {}, "bf16+cl")
+    bf16 = {"part2/train": "bf16+cl", "part2/eval": "bf16+cl"}
+    table = benchmark_checks.format_targets(benchmark_checks.targets(rows, {}, bf16))
+    assert "| not measured | >= 3 | - |" in table and "| not measured | <= 5 | - |" in table
+
+
+def test_the_default_rows_follow_the_policy_and_are_checked_against_the_fastest():
+    avx2 = benchmark_checks.default_variants("cpu", hardware.Hardware())
+    assert avx2 == {"part1/train": "fp32+cl", "part1/eval": "fp32+cl",
+                    "part2/train": "fp32", "part2/eval": "fp32+cl"}  # fmt: skip
+    native = benchmark_checks.default_variants(
+        "cpu", hardware.Hardware(cpu_bf16_units=True, onednn_avx512=True)
     )
-    assert "| not measured | <= 5 | - |" in benchmark.format_targets(
-        benchmark.targets(rows, {}, "bf16+cl")
-    )
+    assert set(native.values()) == {"bf16+cl"}
+    assert benchmark_checks.native_amp_dtypes("cpu", hardware.Hardware()) == []
+    t4 = hardware.Hardware(cuda=True, cuda_capability=(7, 5))
+    assert benchmark_checks.native_amp_dtypes("cuda", t4) == ["fp16"]
+    rows = [
+        {"part": "part2", "pipeline": "ours", "phase": "train", "precision": p, "images_per_s": v}
+        for p, v in (("fp32", 0.70), ("fp32+cl", 0.72), ("fp32+compile", 5.0))
+    ]
+    (found,) = benchmark_checks.fastest_check(rows, {"part2/train": "fp32"})
+    assert found["fastest"] == "fp32+cl" and found["ok"]  # 0.70 / 0.72 is within 5 %
+    rows[1]["images_per_s"] = 0.80
+    (found,) = benchmark_checks.fastest_check(rows, {"part2/train": "fp32"})
+    assert not found["ok"] and found["default_vs_fastest"] == pytest.approx(0.875)
 
 
 def test_profile_names_the_convolutions_of_a_training_step(monkeypatch):
@@ -87,7 +112,8 @@ def test_profile_names_the_convolutions_of_a_training_step(monkeypatch):
 
 
 def test_benchmark_runs_as_a_script(tmp_path):
-    """Part 1 on random data, a few steps, and --quality: every section reaches the JSON."""
+    """Part 1 on random data, a few steps, and --quality: every section reaches the JSON. It
+    times only what this machine computes natively, so it takes seconds on any CPU."""
     run = make_quality_run(tmp_path / "r", ["0.6", "0.85"])
     out = tmp_path / "bench.json"
     argv = "--parts 1 --synthetic --scale 0.05 --threads 1 --quality".split()
@@ -96,13 +122,22 @@ def test_benchmark_runs_as_a_script(tmp_path):
         cwd=Path(benchmark.__file__).parent,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(out.read_text())
+    hw = hardware.read_hardware()
+    expected = benchmark_checks.default_variants("cpu", hw)
+    assert info["default_flags"] == expected
     defaults = [r for r in info["rows"] if r["default"]]
-    assert [r["phase"] for r in defaults] == ["train", "eval"]
-    assert {r["precision"] for r in defaults} == {info["default_flags"]}
-    assert [t["met"] for t in info["targets"]] == [None] * 4  # Part 2 was not run
+    assert [(r["phase"], r["precision"]) for r in defaults] == [
+        ("train", expected["part1/train"]),
+        ("eval", expected["part1/eval"]),
+    ]
+    timed = {r["precision"] for r in info["rows"] if r["pipeline"] == "ours"}
+    native = benchmark_checks.native_amp_dtypes("cpu", hw)
+    assert timed == {p + cl for p in ["fp32", *native] for cl in ("", "+cl")}
+    assert set(info["peak_flops"]) == {"fp32", *native}  # no peak of an emulated dtype
+    assert [f["part"] for f in info["default_is_fastest"]] == ["part1", "part1"]
+    assert [t["met"] for t in info["targets"]] == [None] * 3  # Part 2 was not run
     reached = info["time_to_quality"][0]["val_mean_ap_reached"]
     assert reached == {"0.539": {"minutes": 1.5, "epoch": 1}, "0.8": {"minutes": 2.5, "epoch": 2}}

@@ -15,6 +15,7 @@ from PIL import Image
 
 import datasets
 import engine
+import hardware
 import models
 import part1_classify
 import part2_segment
@@ -341,25 +342,33 @@ def test_predict_keeps_same_named_inputs_apart_and_skips_too_large(
     assert len(err) == 1 and err[0].startswith("error:") and "c/x.jpg" in err[0]
 
 
-def test_amp_by_default_only_where_the_hardware_computes_bf16(fm_root, tmp_path, monkeypatch):
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = "avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo
-    assert utils.native_bf16(torch.device("cpu")) == native
-    for has_bf16, flags, expect_amp in (
-        (True, [], True),
-        (True, ["--no-amp"], False),
-        (False, [], False),
-        (False, ["--amp"], True),
+def test_the_policy_decides_precision_and_layout_and_args_json_records_why(
+    fm_root, tmp_path, monkeypatch
+):
+    """Patched hardware facts, not today's machine: a CPU with and without native bf16, the
+    flags that override the policy, and --eval-only keeping the checkpoint's precision."""
+    avx512_bf16 = hardware.Hardware(cpu_bf16_units=True, onednn_avx512=True)
+    avx2 = hardware.Hardware(cpu_bf16_units=False, onednn_avx512=False)
+    for hw, flags, expect_amp, why in (
+        (avx512_bf16, [], True, "bf16 autocast: this CPU computes bf16 natively"),
+        (avx512_bf16, ["--no-amp"], False, "fp32 (--no-amp)"),
+        (avx2, [], False, "fp32: this CPU has no native bf16"),
+        (avx2, ["--amp"], True, "bf16 autocast (--amp)"),
     ):
-        monkeypatch.setattr(utils, "native_bf16", lambda device, v=has_bf16: v)
-        run = tmp_path / f"run_{has_bf16}_{len(flags)}"
+        monkeypatch.setattr(hardware, "read_hardware", lambda hw=hw: hw)
+        run = tmp_path / f"run_{hw.cpu_bf16_units}_{len(flags)}"
         part1(*p1_common(fm_root), "--epochs", 1, "--max-steps", 1, *flags, "--output-dir", run)
-        assert runfiles.read_json(run / "args.json")["amp"] is expect_amp
-        dtype = "torch.bfloat16" if expect_amp else "None"
-        assert f"amp {dtype}" in (run / "log.txt").read_text()
+        recorded = runfiles.read_json(run / "args.json")
+        assert recorded["amp"] is expect_amp and recorded["channels_last"] is True
+        assert recorded["environment"]["precision"].startswith(why)
+        assert recorded["environment"]["memory_format"].startswith("channels-last")
+        first_line = (run / "log.txt").read_text().splitlines()[0]
+        assert why in first_line and "channels-last" in first_line
+        emulated = "warning: --amp asks for bf16" in (run / "log.txt").read_text()
+        assert emulated is (hw is avx2 and expect_amp)
     # --eval-only tests in the checkpoint's precision unless told: an fp32 run stays fp32 on
     # bf16 hardware
-    monkeypatch.setattr(utils, "native_bf16", lambda device: True)
+    monkeypatch.setattr(hardware, "read_hardware", lambda: avx512_bf16)
     fp32_run = tmp_path / "run_False_0"
     part1("--eval-only", fp32_run / "checkpoints" / "best.pt", *p1_common(fm_root))
     (evaluation,) = fp32_run.glob("eval-*")

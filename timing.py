@@ -1,0 +1,107 @@
+"""How benchmark.py times things: the machine's matmul peak, our training and evaluation loop
+(the scripts' own engine.train_one_epoch / engine.evaluate), and a per-layer profile of a
+training step."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+import engine
+import utils
+
+
+def runtime(device: str, amp_dtype: str | None, channels_last: bool) -> utils.Runtime:
+    return utils.setup_runtime(
+        device=device,
+        amp=amp_dtype is not None,
+        amp_dtype=amp_dtype or "bf16",
+        channels_last=channels_last,
+        progress=False,
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """FLOP/s of square matmuls for about ``seconds``: the practical ceiling for this dtype.
+    Call it only for a dtype the hardware computes natively (emulated bf16 runs ~100x slower)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    sync(device)
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+        if reps % 8 == 0:
+            sync(device)
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    count = fn()
+    sync(device)
+    return count / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- our pipeline
+def ours_train(model, loader, rt, steps: int, compile_model=False, profiler=None) -> float:
+    """Images/s of ``steps`` training steps after a 2-step warm-up (and compile); the timed steps
+    run inside ``profiler`` when one is given."""
+    net, _ = utils.prepare_model(model, rt, compile_model=compile_model)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = engine.build_scheduler(opt, "constant", steps)
+    loss_fn = engine.CrossEntropy()
+    engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=2)  # warm-up, compile
+    with profiler or contextlib.nullcontext():
+        result = engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=steps)
+    return result["images_per_s"]
+
+
+def ours_eval(model, loader, rt, compile_model=False) -> float:
+    net, _ = utils.prepare_model(model, rt, compile_model=compile_model)
+    with torch.inference_mode(), rt.autocast():  # warm-up (and compile) on one batch
+        net.eval()(rt.to_input(next(iter(loader))[0]))
+    return engine.evaluate(net, loader, engine.CrossEntropy(), rt)["images_per_s"]
+
+
+def profile_training_step(model, loader, rt, steps: int) -> list[dict]:
+    """Self time per operator and input shape (so per layer) over ``steps`` training steps,
+    timed as ``ours_train`` times them; the 15 largest."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if rt.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities, record_shapes=True)
+    ours_train(model, loader, rt, steps, profiler=prof)
+    attribute = "self_device_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if getattr(e, attribute)]
+    total = sum(getattr(e, attribute) for e in events)
+    events.sort(key=lambda e: getattr(e, attribute), reverse=True)
+    return [
+        {"op": e.key, "input_shapes": str(e.input_shapes)[:70], "calls": e.count,
+         "ms_per_step": getattr(e, attribute) / 1e3 / steps,
+         "share": getattr(e, attribute) / total}
+        for e in events[:15]
+    ]  # fmt: skip
+
+
+def format_profile(profile: list[dict]) -> str:
+    lines = [
+        "Part 2 training step, facade_fcn, batch 8 (self time per operator and input shape):",
+        "| op | input shapes | ms per step | share |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {p['op']} | {p['input_shapes']} | {p['ms_per_step']:.1f} | {100 * p['share']:.1f}% |"
+        for p in profile
+    ]
+    return "\n".join(lines)
