@@ -135,15 +135,18 @@ def bench_part1(args, device: str, variants, scale: float, peaks: dict) -> list[
         row("part1", "naive", "fp32", "eval", timing.timed(lambda: naive.naive_eval(
             net, eval_loader, rt.device, 6), rt.device), flops, peaks["fp32"]),
     ]  # fmt: skip
-    for amp, channels_last, compile_model in variants:
-        rt = timing.runtime(device, amp, channels_last)
+    for amp, channels_last, compile_model, micro in variants:
+        rt = timing.runtime(device, amp, channels_last, micro)
         on = images.to(rt.device), labels.to(rt.device)
         train_loader = datasets.TensorLoader(*on, 500, mean=mean, std=std, train=True)
         eval_loader = datasets.TensorLoader(*on, 2000, mean=mean, std=std, train=False)
-        name, peak = variant_name(amp, channels_last, compile_model), peaks.get(amp or "fp32")
+        name = variant_name(amp, channels_last, compile_model, micro)
+        peak = peaks.get(amp or "fp32")
         torch.manual_seed(0)
         rate = timing.ours_train(build_model("sigmoid_cnn"), train_loader, rt, steps, compile_model)
         rows.append(row("part1", "ours", name, "train", rate, flops * 3, peak))
+        if micro:  # micro-batches are a training matter: its evaluation is the row without
+            continue
         rate = timing.ours_eval(build_model("sigmoid_cnn"), eval_loader, rt, compile_model)
         rows.append(row("part1", "ours", name, "eval", rate, flops, peak))
     return rows
@@ -183,16 +186,19 @@ def bench_part2(args, device: str, variants, scale: float, peaks: dict) -> tuple
         row("part2", "naive", "fp32", "eval", timing.timed(lambda: naive.naive_eval(
             net, loader, rt.device, max(6, int(10 * scale))), rt.device), flops, peaks["fp32"]),
     ]  # fmt: skip
-    for amp, channels_last, compile_model in variants:
-        rt = timing.runtime(device, amp, channels_last)
+    for amp, channels_last, compile_model, micro in variants:
+        rt = timing.runtime(device, amp, channels_last, micro)
         on = images.to(rt.device), labels.to(rt.device)
-        name, peak = variant_name(amp, channels_last, compile_model), peaks.get(amp or "fp32")
+        name = variant_name(amp, channels_last, compile_model, micro)
+        peak = peaks.get(amp or "fp32")
         torch.manual_seed(0)
         train_loader = datasets.TensorLoader(*on, batch, mean=mean, std=std, train=True)
         rate = timing.ours_train(
             build_model("facade_fcn"), train_loader, rt, train_steps, compile_model
         )
         rows.append(row("part2", "ours", name, "train", rate, flops * 3, peak))
+        if micro:  # micro-batches are a training matter: its evaluation is the row without
+            continue
         eval_loader = datasets.TensorLoader(
             on[0][:eval_count], on[1][:eval_count], eval_batch, mean=mean, std=std, train=False
         )
@@ -266,23 +272,24 @@ def main(args) -> dict:
     peaks = {"fp32": timing.matmul_peak(device, torch.float32)}
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     peaks |= {a: timing.matmul_peak(device, dtypes[a]) for a in amps if a in native}
-    variants = [(a, cl, False) for a in [None, *amps] for cl in (False, True)]
+    variants = [(a, cl, False, 0) for a in [None, *amps] for cl in (False, True)]
     if args.compile:
-        variants += [(a, cl, True) for a, cl in {(None, False), (native[0] if native else None,
-                                                                   True)}]  # fmt: skip
+        variants += [(None, False, True, 0), (native[0] if native else None, True, True, 0)]
     defaults = default_variants(kind, hw)
     rows, ap = [], {}
     if 1 in args.parts:
-        rows += bench_part1(args, args.device, variants, scale, peaks)
+        rows += bench_part1(args, args.device, part_variants(variants, kind, hw, 1), scale, peaks)
     if 2 in args.parts:
-        part2_rows, ap = bench_part2(args, args.device, variants, scale, peaks)
+        part2_variants = part_variants(variants, kind, hw, 2)
+        part2_rows, ap = bench_part2(args, args.device, part2_variants, scale, peaks)
         rows += part2_rows
     add_speedups(rows)
     for r in rows:
         r["default"] = (
             r["pipeline"] == "ours" and defaults[f"{r['part']}/{r['phase']}"] == (r["precision"])
         )
-    part2_train = policy_flags(kind, hw, PART_MODELS["part2"])[:2]
+    part2 = policy_flags(kind, hw, PART_MODELS["part2"])
+    part2_train = part2["amp"], part2["train_cl"]
     profile = profile_part2(args, args.device, *part2_train) if args.profile else []
     found_quality = [quality.time_to_quality(Path(run)) for run in args.quality]
     info = {
@@ -319,6 +326,15 @@ def main(args) -> dict:
     runfiles.write_json(out, info)
     print(f"wrote {out}")
     return info
+
+
+def part_variants(variants: list, kind: str, hw, part: int) -> list:
+    """The variants timed for one part: those given, and the policy's training variant when it
+    trains in micro-batches (it is the default there, so it must be measured)."""
+    f = policy_flags(kind, hw, PART_MODELS[f"part{part}"])
+    if not f["micro_batch"]:
+        return variants
+    return [*variants, (f["amp"], f["train_cl"], False, f["micro_batch"])]
 
 
 def add_speedups(rows: list[dict]) -> None:

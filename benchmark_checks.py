@@ -11,9 +11,12 @@ import hardware
 PART_MODELS = {"part1": "sigmoid_cnn", "part2": "facade_fcn"}  # the reference model of each part
 
 
-def variant_name(amp, channels_last, compile_model) -> str:
+def variant_name(amp, channels_last, compile_model, micro_batch=0) -> str:
     return (
-        (amp or "fp32") + ("+cl" if channels_last else "") + ("+compile" if compile_model else "")
+        (amp or "fp32")
+        + ("+cl" if channels_last else "")
+        + (f"+micro{micro_batch}" if micro_batch else "")
+        + ("+compile" if compile_model else "")
     )
 
 
@@ -23,21 +26,22 @@ def native_amp_dtypes(kind: str, hw: hardware.Hardware) -> list[str]:
     return bf16 + (["fp16"] if kind == "cuda" else [])
 
 
-def policy_flags(kind: str, hw: hardware.Hardware, model: str) -> tuple[str | None, bool, bool]:
-    """(AMP dtype name or None, channels-last for training, for evaluation) that the scripts
-    use for ``model`` here without flags (the policy, hardware.py)."""
+def policy_flags(kind: str, hw: hardware.Hardware, model: str) -> dict:
+    """What the scripts use for ``model`` here without flags (the policy, hardware.py): AMP
+    dtype name or None, channels-last for training and for evaluation, training micro-batch."""
     choice = hardware.choose(kind, hw, model=model)
     amp = {None: None, torch.bfloat16: "bf16", torch.float16: "fp16"}[choice.amp_dtype]
-    return amp, choice.channels_last, choice.eval_channels_last
+    return {"amp": amp, "train_cl": choice.channels_last, "eval_cl": choice.eval_channels_last,
+            "micro_batch": choice.micro_batch or 0}  # fmt: skip
 
 
 def default_variants(kind: str, hw: hardware.Hardware) -> dict[str, str]:
     """The default variant per "part/phase"."""
     out = {}
     for part, model in PART_MODELS.items():
-        amp, train_cl, eval_cl = policy_flags(kind, hw, model)
-        out[f"{part}/train"] = variant_name(amp, train_cl, False)
-        out[f"{part}/eval"] = variant_name(amp, eval_cl, False)
+        f = policy_flags(kind, hw, model)
+        out[f"{part}/train"] = variant_name(f["amp"], f["train_cl"], False, f["micro_batch"])
+        out[f"{part}/eval"] = variant_name(f["amp"], f["eval_cl"], False)
     return out
 
 

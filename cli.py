@@ -26,6 +26,7 @@ RESUME_FREE = {
     "eval_batch_size",
     "compile",
     "channels_last",
+    "micro_batch",
     "output_dir",
     "resume",
     "eval_only",
@@ -34,6 +35,16 @@ RESUME_FREE = {
     "no_download",
     "epochs",
     "val_ap_every",
+    "tta",  # a test-time switch: training is the same with or without it
+}
+# --eval-only may also test in another precision, on other test data or images it finds elsewhere.
+EVAL_FREE = (RESUME_FREE - {"epochs"}) | {
+    "amp",
+    "amp_dtype",
+    "data",
+    "data_root",
+    "test_range",
+    "no_download",
 }
 # --amp is left unset here: the runtime turns it on where the hardware computes bf16 natively.
 COMMON_DEFAULTS = {"seed": 0, "amp_dtype": "bf16", "sync_bn": False}
@@ -176,6 +187,15 @@ def add_common_args(
         "the run's first log line says what was chosen and why)",
     )
     u.add_argument(
+        "--micro-batch",
+        type=NONNEG_INT,
+        metavar="N",
+        help="compute each training batch N images at a time with accumulated gradients: the "
+        "same gradient for plain cross-entropy without batch norm (otherwise the batch is taken "
+        "whole); 0: whole batches (default: where measured faster, e.g. 1 for facade_fcn on a "
+        "CPU without AVX-512)",
+    )
+    u.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model (the first epoch pays the compile time)",
@@ -222,8 +242,9 @@ def add_common_args(
 def resolve_args(
     args: argparse.Namespace, *, defaults: dict, recipes: dict, ckpt: dict | None
 ) -> None:
-    """Fill the flags left unset: from the checkpoint on --resume (a different value given for a
-    flag that changes the run is refused), then from the defaults and the model's recipe."""
+    """Fill the flags left unset: from the checkpoint on --resume and --eval-only (a different
+    value given for a flag that describes the checkpoint's run is refused), then from the
+    defaults and the model's recipe."""
     if args.resume and args.eval_only:
         raise UserError("give --resume or --eval-only, not both")
     if ckpt is not None:
@@ -234,26 +255,39 @@ def resolve_args(
         args.model = ckpt["model_name"]
     if args.resume:
         adopt_checkpoint_args(args, ckpt["args"])
-    if args.eval_only and args.amp is None:  # test in the checkpoint's precision unless told
-        args.amp = bool(ckpt["args"].get("amp"))
+    if args.eval_only:  # args.json describes the checkpoint's run (seed, recipe, model)
+        adopt_checkpoint_args(args, ckpt["args"], free=EVAL_FREE, why="it was trained with it")
+        if args.amp is None:  # test in the checkpoint's precision unless told
+            args.amp = bool(ckpt["args"].get("amp"))
+    if ckpt is not None:  # the network is built from these, whatever the saved args say
+        built = {k: v for k, v in ckpt["model_kwargs"].items() if k != "num_classes"}
+        adopt_checkpoint_args(args, built, free=frozenset(), why="its network has it")
     model = args.model or defaults["model"]
     for key, value in {**COMMON_DEFAULTS, **defaults, **recipes[model]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
 
 
-def adopt_checkpoint_args(args: argparse.Namespace, saved: dict) -> None:
+def adopt_checkpoint_args(
+    args: argparse.Namespace,
+    saved: dict,
+    free: frozenset | set = RESUME_FREE,
+    why: str = "a resumed run keeps its arguments (start a new run to change it)",
+) -> None:
+    """Take the checkpoint's value of every flag but those in ``free``; a different value given
+    is a one-line error. On --resume, --epochs may grow for a constant schedule."""
     for key, value in saved.items():
-        if key in RESUME_FREE or not hasattr(args, key):
+        if key in free or not hasattr(args, key):
             continue
         given = getattr(args, key)
         if given is not None and _normal(given) != _normal(value):
             raise UserError(
                 f"--{key.replace('_', '-')} {_show(given)} differs from the "
-                f"checkpoint's {_show(value)}: a resumed run keeps its arguments "
-                "(start a new run to change it)"
+                f"checkpoint's {_show(value)}: {why}"
             )
         setattr(args, key, value)
+    if free is not RESUME_FREE:
+        return
     if args.epochs is None or args.epochs == saved["epochs"]:
         args.epochs = saved["epochs"]
     elif saved["schedule"] != "constant" or args.epochs < saved["epochs"]:
@@ -289,10 +323,12 @@ def start(args: argparse.Namespace, *, task: str, defaults: dict, recipes: dict)
         amp=args.amp,
         amp_dtype=args.amp_dtype,
         channels_last=args.channels_last,
+        micro_batch=args.micro_batch,
         threads=args.threads,
         progress=not args.no_progress,
     )
     args.amp = rt.amp_dtype is not None  # args.json records what the policy chose
     args.channels_last = rt.channels_last  # the training layout (evaluation's is logged)
+    args.micro_batch = rt.micro_batch or 0
     utils.seed_everything(args.seed + rt.rank)
     return ckpt, rt

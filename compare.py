@@ -33,10 +33,10 @@ import utils
 OUTPUT_ROOT = Path("outputs") / "compare"
 # Arguments that do not change what is trained: the seed, the recorded environment and the flags
 # a resumed run may change (bookkeeping, where and how fast it runs, when it stops). Runs that
-# differ only in these are repeats of one recipe. epochs and channels_last stay in the recipe, as
-# does amp: they can change the numbers.
+# differ only in these are repeats of one recipe. epochs, channels_last, micro_batch and tta stay
+# in the recipe, as does amp: they can change the numbers.
 NON_RECIPE_ARGS = frozenset(
-    (cli.RESUME_FREE - {"epochs", "channels_last"}) | {"seed", "environment"}
+    (cli.RESUME_FREE - {"epochs", "channels_last", "micro_batch", "tta"}) | {"seed", "environment"}
 )
 LABEL_FIRST = ("model", "lr", "epochs", "batch_size")  # named first in a label when they differ
 MAX_LABEL_CHARS = 48

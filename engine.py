@@ -4,6 +4,7 @@ history (metrics.csv, best epoch) and the training state that checkpoints hold."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -76,6 +77,11 @@ class CrossEntropy:
 
     def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None):
         self.label_smoothing, self.weight = label_smoothing, weight
+
+    @property
+    def splits_exactly(self) -> bool:
+        """A plain mean over samples or pixels: chunks weighted by their size add up to it."""
+        return self.weight is None
 
     def _weight(self, logits):
         return None if self.weight is None else self.weight.to(logits.device)
@@ -154,18 +160,13 @@ def train_one_epoch(
         if step >= steps:
             break
         x, y = rt.to_input(x), y.to(rt.device, non_blocking=True)
-        with rt.autocast():
-            logits = model(x)
-            loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        rt.scaler.scale(loss).backward()
+        loss = forward_backward(model, x, y, loss_fn, rt, metric)
         rt.scaler.step(optimizer)
         rt.scaler.update()
         scheduler.step()
-        loss_sum += loss.detach().float() * x.shape[0]
+        loss_sum += loss * x.shape[0]
         seen += x.shape[0]
-        if metric is not None:
-            metric.update(logits.detach().float(), y)
         bar.update(1)
         if step % log_interval == 0:  # .item() syncs the device: only every few steps
             rate = seen * rt.world_size / (time.perf_counter() - start)
@@ -180,6 +181,37 @@ def train_one_epoch(
     )
     result["loss"] = (result.pop("sums")[0] / max(result["images"], 1)).item()
     return result | finish_metric(metric, rt)
+
+
+def forward_backward(model, x, y, loss_fn, rt: Runtime, metric=None) -> torch.Tensor:
+    """Forward and backward of one training batch; returns its loss (detached, fp32). With
+    ``rt.micro_batch`` and a loss that is a plain mean over samples or pixels, the batch runs in
+    chunks whose losses are weighted by their share of it, so the accumulated gradient is the
+    whole batch's (faster where a whole batch's activations slow the kernels down; DDP reduces
+    once, at the last chunk). Other losses (class weights, Dice) and networks with batch norm
+    (whose statistics depend on the batch) take the batch whole."""
+    exact = loss_fn.splits_exactly and not has_batch_norm(model)
+    size = rt.micro_batch if rt.micro_batch and exact else len(x)
+    chunks = list(zip(x.split(size), y.split(size)))
+    total = torch.zeros((), device=rt.device)
+    for i, (xs, ys) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = (
+            model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        )
+        with sync:
+            with rt.autocast():
+                logits = model(xs)
+                loss = loss_fn(logits, ys) * (len(xs) / len(x))
+            rt.scaler.scale(loss).backward()
+        total += loss.detach().float()
+        if metric is not None:
+            metric.update(logits.detach().float(), ys)
+    return total
+
+
+def has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 @torch.inference_mode()
@@ -209,6 +241,15 @@ def evaluate(model, loader, loss_fn, rt: Runtime, metric=None, desc: str = "eval
     result = pass_summary(counted, start, rt)
     result["loss"] = loss_fn.value(result.pop("sums")[:-1]) if result["images"] else float("nan")
     return result | finish_metric(metric, rt)
+
+
+def validate_both_views(model, flipped, loader, loss_fn, rt: Runtime, metric, key: str) -> dict:
+    """The selected checkpoint on the validation split as it is and with test-time flips
+    (``flipped``), each scored by a fresh ``metric()``'s ``key``: the numbers that decide --tta,
+    where the test set must not."""
+    plain = evaluate(model, loader, loss_fn, rt, metric(), desc="val")[key]
+    mirrored = evaluate(flipped, loader, loss_fn, rt, metric(), desc="val, flips")[key]
+    return {f"val_{key}": plain, f"val_{key}_tta": mirrored}
 
 
 def pass_summary(sums: torch.Tensor, start: float, rt: Runtime) -> dict:
@@ -377,7 +418,10 @@ def fit(
             metric=ConfusionMatrix(num_classes),
         )
         utils.broadcast_module_state(model_without_ddp, rt)  # rank 0's BatchNorm statistics
-        ap_due = ap_every and (epoch % ap_every == 0 or epoch == last_epoch)
+        # Rank 0's clock decides before validation, so the epoch a time limit stops at gets its
+        # validation AP like the planned last one.
+        stopping = epoch < last_epoch and out_of_time(started, args.time_limit, rt)
+        ap_due = ap_every and (epoch % ap_every == 0 or epoch == last_epoch or stopping)
         val_metric = (
             PixelScores(num_classes, softmax=False) if ap_due else ConfusionMatrix(num_classes)
         )
@@ -390,7 +434,7 @@ def fit(
         if rt.is_main:
             state = training_state(model_without_ddp, optimizer, scheduler, rt, epoch, history)
             runfiles.save_epoch_checkpoints(meta | state, run_dir / "checkpoints", is_best)
-        if epoch < last_epoch and out_of_time(started, args.time_limit, rt):
+        if stopping:
             log.info("time limit of %g min reached after epoch %d", args.time_limit, epoch)
             break
     load_best_weights(model_without_ddp, best_weights, run_dir, rt)

@@ -22,6 +22,10 @@ import torch
 # (model, phase) pairs that run faster in the standard layout on a CPU whose oneDNN lacks
 # AVX-512; every other model and phase was faster in channels-last on both kinds of CPU.
 CPU_AVX2_STANDARD_LAYOUT = {("facade_fcn", "train")}
+# Models whose training batch runs faster one image at a time, gradients accumulated, on a CPU
+# whose oneDNN lacks AVX-512: facade_fcn 0.93 against 0.68 images/s at its batch of 25 (fp32).
+# Natively (bf16) the batch size made no difference.
+CPU_AVX2_MICRO_BATCH = {"facade_fcn": 1}
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Choice:
     precision: str
     memory_format: str
     warnings: tuple[str, ...] = ()
+    micro_batch: int | None = None  # training batches computed in chunks of this many images
 
 
 def choose(
@@ -100,12 +105,17 @@ def choose(
     amp: bool | None = None,
     amp_dtype: str = "bf16",
     channels_last: bool | None = None,
+    micro_batch: int | None = None,
 ) -> Choice:
-    """The precision and memory format for ``model`` on ``device_type``: the flags given
-    (``amp``/``channels_last`` True or False), else the policy (None)."""
+    """The precision, memory format and micro-batch for ``model`` on ``device_type``: the flags
+    given (``amp``/``channels_last`` True or False, ``micro_batch`` N), else the policy (None)."""
     dtype, precision, warnings = precision_choice(device_type, hw, amp, amp_dtype)
     train_cl, eval_cl, memory_format = layout_choice(device_type, hw, model, channels_last)
-    return Choice(dtype, train_cl, eval_cl, precision, memory_format, warnings)
+    if micro_batch is None and device_type == "cpu" and not hw.onednn_avx512:
+        micro_batch = CPU_AVX2_MICRO_BATCH.get(model)
+    if micro_batch:
+        memory_format += f"; training in micro-batches of {micro_batch} where the loss allows"
+    return Choice(dtype, train_cl, eval_cl, precision, memory_format, warnings, micro_batch)
 
 
 def precision_choice(device_type, hw, amp, amp_dtype) -> tuple[torch.dtype | None, str, tuple]:

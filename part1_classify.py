@@ -242,6 +242,13 @@ def main(args) -> dict:
         tested = engine.fit(
             args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt, select=SELECT
         )
+        if len(splits["val"][0]):
+            flipped = models.FlipAverage(model_without_ddp)
+            tested |= engine.validate_both_views(model_without_ddp, flipped, val_loader, loss_fn,
+                                                 rt, lambda: ConfusionMatrix(len(NAMES)),
+                                                 "accuracy")  # fmt: skip
+            log.info("validation accuracy of the selected epoch: %.4f, with flips %.4f",
+                     tested["val_accuracy"], tested["val_accuracy_tta"])  # fmt: skip
     metric = ConfusionMatrix(len(NAMES), keep_predictions=True)
     tested_model = models.FlipAverage(model_without_ddp) if args.tta else model_without_ddp
     results = engine.evaluate(tested_model, test_loader, loss_fn, rt, metric, desc="test")
@@ -278,6 +285,7 @@ def write_outputs(run_dir: Path, test: dict, model, test_split, normalization: d
         "checkpoint_epoch": test["checkpoint_epoch"],
         "model": test["model"],
         "tta": test["tta"],
+        **{k: test[k] for k in ("val_accuracy", "val_accuracy_tta") if k in test},
         "parameters": models.count_parameters(model),
         "normalization": normalization,
     }

@@ -289,6 +289,13 @@ def main(args) -> dict:
         loss_fn = make_loss(args.loss, splits["train"][1])
         tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
                             select=SELECT, ap_every=args.val_ap_every)  # fmt: skip
+        if len(splits["val"][0]):
+            flipped = models.FlipAverage(model_without_ddp)
+            tested |= engine.validate_both_views(model_without_ddp, flipped, val_loader, loss_fn,
+                                                 rt, lambda: PixelScores(NUM_CLASSES, False),
+                                                 "mean_ap")  # fmt: skip
+            log.info("validation mean AP of the selected epoch: %.4f, with flips %.4f",
+                     tested["val_mean_ap"], tested["val_mean_ap_tta"])  # fmt: skip
     metric, test_loss = PixelScores(NUM_CLASSES), engine.CrossEntropy()
     tested_model = models.FlipAverage(model_without_ddp) if args.tta else model_without_ddp
     results = engine.evaluate(tested_model, test_loader, test_loss, rt, metric, desc="test")

@@ -13,12 +13,15 @@ import engine
 import utils
 
 
-def runtime(device: str, amp_dtype: str | None, channels_last: bool) -> utils.Runtime:
+def runtime(
+    device: str, amp_dtype: str | None, channels_last: bool, micro_batch: int = 0
+) -> utils.Runtime:
     return utils.setup_runtime(
         device=device,
         amp=amp_dtype is not None,
         amp_dtype=amp_dtype or "bf16",
         channels_last=channels_last,
+        micro_batch=micro_batch,
         progress=False,
     )
 

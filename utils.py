@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,8 +33,10 @@ def launched_by_torchrun() -> bool:
 
 def run_cli(main: Callable, parser, argv=None) -> None:
     """Parse arguments and run ``main``; a user error becomes one line on stderr and exit 2.
-    Under torchrun every rank leaves with os._exit once its streams are flushed: a failing rank at
-    once (torchrun then stops the others), a finished one after cleanup_runtime's barrier. A normal
+    Under torchrun every rank leaves with os._exit once its streams are flushed, whatever ended
+    it: a failing rank at once (a user error with its line and code 2, any other exception with
+    its traceback and code 1; torchrun then stops the others), a finished one after
+    cleanup_runtime's barrier. A normal
     interpreter exit could hang in, or abort from, gloo's teardown ("terminate called without an
     active exception", seen in a CI run after every output had been written)."""
     args = parser.parse_args(argv)
@@ -50,6 +53,11 @@ def run_cli(main: Callable, parser, argv=None) -> None:
             file=sys.stderr,
         )
         code = 130
+    except Exception:  # a bug, not bad input: the traceback, once; under torchrun via os._exit
+        if not launched_by_torchrun():
+            raise
+        traceback.print_exc()
+        code = 1
     if launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
@@ -68,6 +76,7 @@ class Runtime:
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False  # the model and training inputs
     eval_channels_last: bool = False  # evaluation (hardware.CPU_AVX2_STANDARD_LAYOUT)
+    micro_batch: int | None = None  # compute training batches in chunks (engine.train_one_epoch)
     progress: bool = True
     choice: hardware.Choice | None = None  # the policy's reasons, for args.json and the log
 
@@ -120,12 +129,14 @@ def setup_runtime(
     amp: bool | None = False,
     amp_dtype: str = "bf16",
     channels_last: bool | None = False,
+    micro_batch: int | None = 0,
     threads: int | None = None,
     progress: bool = True,
     hw: hardware.Hardware | None = None,
 ) -> Runtime:
     """Pick the device, start DDP when launched by torchrun, and apply the hardware policy for
-    ``model``: ``amp`` / ``channels_last`` None let it choose (``hardware.choose``)."""
+    ``model``: ``amp`` / ``channels_last`` / ``micro_batch`` None let it choose
+    (``hardware.choose``; ``micro_batch`` 0: whole batches)."""
     if threads:
         torch.set_num_threads(threads)
     hw = hw or hardware.read_hardware()
@@ -139,8 +150,9 @@ def setup_runtime(
     if amp is not False and amp_dtype == "fp16" and kind != "cuda":
         raise UserError("--amp-dtype fp16 needs CUDA; use the default bf16 on the CPU")
     choice = hardware.choose(
-        kind, hw, model=model, amp=amp, amp_dtype=amp_dtype, channels_last=channels_last
-    )
+        kind, hw, model=model, amp=amp, amp_dtype=amp_dtype, channels_last=channels_last,
+        micro_batch=micro_batch,
+    )  # fmt: skip
     rank, local_rank, world_size = 0, 0, 1
     if launched_by_torchrun():
         if kind == "mps":
@@ -166,6 +178,7 @@ def setup_runtime(
         scaler=scaler,
         channels_last=choice.channels_last,
         eval_channels_last=choice.eval_channels_last,
+        micro_batch=choice.micro_batch or None,
         progress=progress,
         choice=choice,
     )

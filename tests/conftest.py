@@ -224,7 +224,12 @@ def synthetic_facade_ro(tmp_path_factory) -> Path:
 
 
 # ----------------------------------------------------------------------------- subprocess
-def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+# A hang guard, not a speed limit: the scripts the tests start take seconds (at most about a
+# minute on a 2-core CPU), so only a hung process (say, a rank waiting for one that died) meets it.
+HANG_GUARD_S = 1800
+
+
+def run_script(*argv: str, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
     """Run a repository script with this interpreter, cwd = repo, 2 threads."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     return subprocess.run(

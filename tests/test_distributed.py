@@ -11,7 +11,7 @@ import torch
 import part1_classify
 import part2_segment
 import runfiles
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # the synthetic facade set's train / val / test images
@@ -24,7 +24,7 @@ def torchrun(script: str, *args: str) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -105,9 +105,9 @@ def test_part1_resume_under_torchrun(part1_runs, tmp_path):
 def test_part2_ddp_matches_single_process(synthetic_facade, tmp_path):
     flags = [*P2_RANGES, *"--epochs 2 --eval-batch-size 2 --no-amp".split()]  # fp32: exact
     common = ["--data", str(synthetic_facade), *flags]
-    torchrun(
-        "part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "ddp")
-    )
+    # the 2 processes also compute their batches one image at a time (DDP reduces once per batch)
+    ddp_flags = ["--batch-size", "2", "--micro-batch", "1", "--output-dir", str(tmp_path / "ddp")]
+    torchrun("part2_segment.py", *common, *ddp_flags)
     part2(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "single"), "--threads", "2")
     ddp_rows, single_rows = (
         runfiles.read_csv(tmp_path / "ddp" / "metrics.csv"),
@@ -146,7 +146,7 @@ def test_fp16_needs_cuda(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert (
         proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "fp16" in proc.stderr
@@ -160,7 +160,7 @@ def torchrun_proc(script: str, *args: str) -> subprocess.CompletedProcess:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
 
 
@@ -209,3 +209,29 @@ def test_empty_shard_and_time_limit_under_torchrun(synthetic_facade, tmp_path):
     assert ddp_eval["test_loss"] == pytest.approx(ddp_res["test_loss"], rel=1e-6)
     assert ddp_eval["confusion_matrix"] == ddp_res["confusion_matrix"]
     assert ddp_eval["mean_ap"] == pytest.approx(ddp_res["mean_ap"], abs=1e-9)
+
+
+def test_any_exception_on_one_rank_ends_that_rank_through_os_exit(tmp_path):
+    """A plain RuntimeError on rank 1 while rank 0 waits at a barrier: the traceback is printed
+    once, rank 1 leaves through os._exit(1) (its atexit handlers, where gloo's teardown could
+    abort or hang, never run) and torchrun ends the job."""
+    script = tmp_path / "fails_on_rank_1.py"
+    script.write_text(
+        "import argparse, atexit, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import torch.distributed as dist\n"
+        "import utils\n\n"
+        "def main(args):\n"
+        "    rt = utils.setup_runtime(device='cpu')\n"
+        "    atexit.register(print, 'interpreter teardown on rank', rt.rank, file=sys.stderr)\n"
+        "    if rt.rank == 1:\n"
+        "        raise RuntimeError('boom on rank 1')\n"
+        "    dist.barrier()  # waits for rank 1, which never comes\n\n"
+        "utils.run_cli(main, argparse.ArgumentParser())\n"
+    )
+    proc = subprocess.run(
+        [*TORCHRUN, str(script)], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("RuntimeError: boom on rank 1") == 1, proc.stderr[-3000:]
+    assert "interpreter teardown on rank 1" not in proc.stderr

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import engine
 import hardware
 import models
 import utils
@@ -53,7 +54,7 @@ def test_cpu_layout_is_channels_last_except_facade_fcn_training_without_avx512()
 def test_flags_override_the_policy():
     choice = hardware.choose("cpu", AVX2, model="facade_fcn", amp=False, channels_last=True)
     assert (choice.amp_dtype, choice.channels_last, choice.eval_channels_last) == (None, True, True)
-    assert choice.memory_format == "channels-last (--channels-last)"
+    assert choice.memory_format.startswith("channels-last (--channels-last)")
     choice = hardware.choose("cpu", AVX512_BF16, model="unet", channels_last=False)
     assert (choice.channels_last, choice.eval_channels_last) == (False, False)
 
@@ -135,3 +136,40 @@ def test_eval_layout_switches_the_model_and_restores_it():
     net.train()(x).sum().backward()
     assert not rt.to_input(x).is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, standard, rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batches_give_the_whole_batch_gradient_and_only_where_exact():
+    """facade_fcn's batch of 4 computed one image at a time: the same gradient and loss (fp32
+    rounding); a class-weighted loss is not a plain mean, so it takes the batch whole."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4, 16, 16))
+    grads, losses, calls = [], [], []
+    for micro in (None, 1):
+        torch.manual_seed(1)
+        net = models.build_model("facade_fcn", num_classes=5)
+        rt = utils.setup_runtime(device="cpu", model="facade_fcn", micro_batch=micro or 0, hw=AVX2)
+        assert rt.micro_batch == micro
+        net.register_forward_hook(lambda *_, m=micro: calls.append(m))
+        losses.append(engine.forward_backward(net, x, y, engine.CrossEntropy(), rt).item())
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert calls == [None, 1, 1, 1, 1]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for whole, chunked in zip(*grads):
+        torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
+    weighted = engine.CrossEntropyDice(torch.ones(5), 5)
+    assert not weighted.splits_exactly and engine.CrossEntropy().splits_exactly
+    calls.clear()
+    engine.forward_backward(net, x, y, weighted, rt)
+    assert calls == [1]  # one forward pass: the whole batch
+    unet = models.build_model("unet", num_classes=5, width=4, depth=2)
+    unet.register_forward_hook(lambda *_: calls.append("unet"))
+    engine.forward_backward(unet, x, y, engine.CrossEntropy(), rt)
+    assert calls[1:] == ["unet"]  # batch norm: whole batches too
+
+
+def test_the_policy_picks_micro_batches_for_facade_fcn_only_without_avx512():
+    assert hardware.choose("cpu", AVX2, model="facade_fcn").micro_batch == 1
+    assert hardware.choose("cpu", AVX2, model="unet").micro_batch is None
+    assert hardware.choose("cpu", AVX512_BF16, model="facade_fcn").micro_batch is None
+    assert hardware.choose("cuda", T4, model="facade_fcn").micro_batch is None
+    assert hardware.choose("cpu", AVX2, model="facade_fcn", micro_batch=0).micro_batch == 0

@@ -72,6 +72,7 @@ def test_outputs(part2_run):
         assert math.isfinite(float(r["train_loss"])) and math.isfinite(float(r["val_loss"]))
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert res["checkpoint_epoch"] == int(best["epoch"])
+    assert 0 < res["val_mean_ap"] <= 1 and 0 < res["val_mean_ap_tta"] <= 1
     for rel in (f.path for f in part2_segment.FIGURES):
         with Image.open(run_dir / rel) as im:
             assert im.format == "PNG"
@@ -320,3 +321,31 @@ def test_predict_rejects_classification_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "classification" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_time_limit_stop_computes_the_validation_ap_of_its_last_epoch(
+    synthetic_facade_ro, tmp_path
+):
+    """--time-limit ends a 3-epoch run after epoch 1, which is neither a multiple of
+    --val-ap-every (5) nor the planned last epoch: it still gets its validation mean AP, equal to
+    a recomputation from last.pt."""
+    run = tmp_path / "run"
+    flags = [*SYN_ARGS, *"--epochs 3 --batch-size 4 --no-amp --no-channels-last".split()]
+    flags += ["--eval-batch-size", "4", "--time-limit", "0.0001"]  # one batch, as recomputed
+    run_part2("--data", synthetic_facade_ro, *flags, "--output-dir", run)
+    (row,) = _metrics(run)
+    scores, labels = _best_scores(run, synthetic_facade_ro / "train", 10, 11, "last.pt")
+    assert float(row["val_mean_ap"]) == pytest.approx(_mean_ap(scores, labels), abs=1e-6)
+
+
+def test_selected_epoch_is_scored_on_validation_with_and_without_flips(
+    part2_run, synthetic_facade_ro
+):
+    """results.json holds the validation mean AP of best.pt as it is and with test-time flips,
+    the numbers that may decide --tta (the test set may not); both recomputed here."""
+    run_dir, _ = part2_run
+    res = runfiles.read_json(run_dir / "results.json")
+    for flip, key in ((False, "val_mean_ap"), (True, "val_mean_ap_tta")):
+        scores, labels = _best_scores(run_dir, synthetic_facade_ro / "train", 10, 11, flip=flip)
+        assert res[key] == pytest.approx(_mean_ap(scores, labels), abs=1e-6), key
+    assert res["val_mean_ap"] != res["val_mean_ap_tta"]

@@ -169,9 +169,10 @@ def test_resume_refuses_a_flag_that_changes_the_run(half_run, argv, flag):
 def test_resume_accepts_speed_flags_and_a_longer_constant_schedule(fm_root, tmp_path):
     run = tmp_path / "const"
     part1(*p1_common(fm_root), "--epochs", 1, "--schedule", "constant", "--output-dir", run)
-    flags = "--epochs 2 --threads 1 --eval-batch-size 7".split()
+    flags = "--epochs 2 --threads 1 --eval-batch-size 7 --tta".split()  # --tta: test-time only
     part1("--resume", run / "checkpoints" / "last.pt", *flags)
     assert [r["epoch"] for r in runfiles.read_csv(run / "metrics.csv")] == [1, 2]
+    assert runfiles.read_json(run / "results.json")["tta"] is True
 
 
 # ----------------------------------------------------------------------------- 4. run folders
@@ -373,3 +374,20 @@ def test_the_policy_decides_precision_and_layout_and_args_json_records_why(
     part1("--eval-only", fp32_run / "checkpoints" / "best.pt", *p1_common(fm_root))
     (evaluation,) = fp32_run.glob("eval-*")
     assert runfiles.read_json(evaluation / "args.json")["amp"] is False
+
+
+def test_eval_only_records_the_checkpoints_run_and_refuses_contradictions(fm_root, tmp_path):
+    """args.json of an --eval-only folder describes the checkpoint's run (seed, recipe, model
+    width), not today's defaults; a flag that contradicts the checkpoint is one line."""
+    run = tmp_path / "run"
+    flags = "--model fashion_net --width 8 --seed 3 --lr 0.005 --epochs 1 --max-steps 2".split()
+    part1(*p1_common(fm_root), *flags, "--output-dir", run)
+    best = run / "checkpoints" / "best.pt"
+    part1("--eval-only", best, "--data-root", fm_root, "--tta")
+    (evaluation,) = run.glob("eval-*")
+    recorded = runfiles.read_json(evaluation / "args.json")
+    assert (recorded["seed"], recorded["lr"], recorded["width"]) == (3, 0.005, 8)
+    assert (recorded["epochs"], recorded["val_fraction"], recorded["tta"]) == (1, 0.1, True)
+    for flag, value in (("--width", "16"), ("--seed", "4"), ("--lr", "0.1")):
+        with pytest.raises(utils.UserError, match=f"^{flag} {value} differs from the checkpoint"):
+            part1("--eval-only", best, "--data-root", fm_root, flag, value)
