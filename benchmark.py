@@ -167,7 +167,7 @@ def load_part2(args, count: int):
 
 
 def bench_part2(args, device: str, variants, scale: float, peaks: dict) -> tuple[list[dict], dict]:
-    cuda = torch.device(hardware.pick_device(device, hardware.read_hardware())).type == "cuda"
+    cuda = device == "cuda"  # main passes the device kind it picked
     batch, eval_batch, eval_count = (25, 10, 200) if cuda else (8, 1, 20)  # the scripts' batches
     train_steps = max(2, int(2 * scale))
     images, labels, test = load_part2(args, max(batch * (train_steps + 2), 40))
@@ -213,7 +213,7 @@ def bench_part2(args, device: str, variants, scale: float, peaks: dict) -> tuple
 def ap_check(args, device, images, labels, test, mean, std, amps) -> dict:
     """Same init, same batches, same steps in fp32 and each AMP dtype timed; mean AP on test
     pixels."""
-    cuda = torch.device(hardware.pick_device(device, hardware.read_hardware())).type == "cuda"
+    cuda = device == "cuda"  # main passes the device kind it picked
     steps = args.ap_steps or (100 if cuda else 10)
     out = {"steps": steps, "batch": 8}
     for amp in dict.fromkeys(amps):  # fp32 first, each dtype once
@@ -278,10 +278,10 @@ def main(args) -> dict:
     defaults = default_variants(kind, hw)
     rows, ap = [], {}
     if 1 in args.parts:
-        rows += bench_part1(args, args.device, part_variants(variants, kind, hw, 1), scale, peaks)
+        rows += bench_part1(args, kind, part_variants(variants, kind, hw, 1), scale, peaks)
     if 2 in args.parts:
         part2_variants = part_variants(variants, kind, hw, 2)
-        part2_rows, ap = bench_part2(args, args.device, part2_variants, scale, peaks)
+        part2_rows, ap = bench_part2(args, kind, part2_variants, scale, peaks)
         rows += part2_rows
     add_speedups(rows)
     for r in rows:
@@ -290,7 +290,7 @@ def main(args) -> dict:
         )
     part2 = policy_flags(kind, hw, PART_MODELS["part2"])
     part2_train = part2["amp"], part2["train_cl"]
-    profile = profile_part2(args, args.device, *part2_train) if args.profile else []
+    profile = profile_part2(args, kind, *part2_train) if args.profile else []
     found_quality = [quality.time_to_quality(Path(run)) for run in args.quality]
     info = {
         "device": torch.cuda.get_device_name() if kind == "cuda" else (

@@ -255,6 +255,7 @@ def resolve_args(
         args.model = ckpt["model_name"]
     if args.resume:
         adopt_checkpoint_args(args, ckpt["args"])
+        adopt_checkpoint_epochs(args, ckpt["args"])
     if args.eval_only:  # args.json describes the checkpoint's run (seed, recipe, model)
         adopt_checkpoint_args(args, ckpt["args"], free=EVAL_FREE, why="it was trained with it")
         if args.amp is None:  # test in the checkpoint's precision unless told
@@ -275,7 +276,7 @@ def adopt_checkpoint_args(
     why: str = "a resumed run keeps its arguments (start a new run to change it)",
 ) -> None:
     """Take the checkpoint's value of every flag but those in ``free``; a different value given
-    is a one-line error. On --resume, --epochs may grow for a constant schedule."""
+    is a one-line error."""
     for key, value in saved.items():
         if key in free or not hasattr(args, key):
             continue
@@ -286,8 +287,10 @@ def adopt_checkpoint_args(
                 f"checkpoint's {_show(value)}: {why}"
             )
         setattr(args, key, value)
-    if free is not RESUME_FREE:
-        return
+
+
+def adopt_checkpoint_epochs(args: argparse.Namespace, saved: dict) -> None:
+    """On --resume, --epochs may differ only by growing a constant schedule."""
     if args.epochs is None or args.epochs == saved["epochs"]:
         args.epochs = saved["epochs"]
     elif saved["schedule"] != "constant" or args.epochs < saved["epochs"]:

@@ -148,6 +148,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=rt.device)
     seen = 0
     steps = steps_per_epoch(loader, max_steps)
+    chunk = chunk_size(model, loss_fn, rt)
     bar = tqdm(
         total=steps,
         desc=f"epoch {epoch} train",
@@ -161,7 +162,7 @@ def train_one_epoch(
             break
         x, y = rt.to_input(x), y.to(rt.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(model, x, y, loss_fn, rt, metric)
+        loss = forward_backward(model, x, y, loss_fn, rt, chunk, metric)
         rt.scaler.step(optimizer)
         rt.scaler.update()
         scheduler.step()
@@ -183,15 +184,22 @@ def train_one_epoch(
     return result | finish_metric(metric, rt)
 
 
-def forward_backward(model, x, y, loss_fn, rt: Runtime, metric=None) -> torch.Tensor:
-    """Forward and backward of one training batch; returns its loss (detached, fp32). With
-    ``rt.micro_batch`` and a loss that is a plain mean over samples or pixels, the batch runs in
-    chunks whose losses are weighted by their share of it, so the accumulated gradient is the
-    whole batch's (faster where a whole batch's activations slow the kernels down; DDP reduces
-    once, at the last chunk). Other losses (class weights, Dice) and networks with batch norm
-    (whose statistics depend on the batch) take the batch whole."""
-    exact = loss_fn.splits_exactly and not has_batch_norm(model)
-    size = rt.micro_batch if rt.micro_batch and exact else len(x)
+def chunk_size(model, loss_fn, rt: Runtime) -> int | None:
+    """``rt.micro_batch`` where computing a batch in chunks gives the whole batch's gradient: a
+    loss that is a plain mean over samples or pixels and a network without batch norm (whose
+    statistics depend on the batch); None (whole batches) for class weights, Dice or batch norm."""
+    has_batch_norm = any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    )
+    return rt.micro_batch if loss_fn.splits_exactly and not has_batch_norm else None
+
+
+def forward_backward(model, x, y, loss_fn, rt: Runtime, chunk: int | None, metric=None):
+    """Forward and backward of one training batch; returns its loss (detached, fp32). With a
+    ``chunk`` size (``chunk_size``) the batch runs in chunks whose losses are weighted by their
+    share of it, so the accumulated gradient is the whole batch's (faster where a whole batch's
+    activations slow the kernels down; DDP reduces once, at the last chunk)."""
+    size = chunk or len(x)
     chunks = list(zip(x.split(size), y.split(size)))
     total = torch.zeros((), device=rt.device)
     for i, (xs, ys) in enumerate(chunks):
@@ -208,10 +216,6 @@ def forward_backward(model, x, y, loss_fn, rt: Runtime, metric=None) -> torch.Te
         if metric is not None:
             metric.update(logits.detach().float(), ys)
     return total
-
-
-def has_batch_norm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 @torch.inference_mode()

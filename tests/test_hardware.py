@@ -150,7 +150,9 @@ def test_micro_batches_give_the_whole_batch_gradient_and_only_where_exact():
         rt = utils.setup_runtime(device="cpu", model="facade_fcn", micro_batch=micro or 0, hw=AVX2)
         assert rt.micro_batch == micro
         net.register_forward_hook(lambda *_, m=micro: calls.append(m))
-        losses.append(engine.forward_backward(net, x, y, engine.CrossEntropy(), rt).item())
+        ce = engine.CrossEntropy()
+        chunk = engine.chunk_size(net, ce, rt)
+        losses.append(engine.forward_backward(net, x, y, ce, rt, chunk).item())
         grads.append([p.grad.clone() for p in net.parameters()])
     assert calls == [None, 1, 1, 1, 1]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -159,11 +161,12 @@ def test_micro_batches_give_the_whole_batch_gradient_and_only_where_exact():
     weighted = engine.CrossEntropyDice(torch.ones(5), 5)
     assert not weighted.splits_exactly and engine.CrossEntropy().splits_exactly
     calls.clear()
-    engine.forward_backward(net, x, y, weighted, rt)
+    engine.forward_backward(net, x, y, weighted, rt, engine.chunk_size(net, weighted, rt))
     assert calls == [1]  # one forward pass: the whole batch
     unet = models.build_model("unet", num_classes=5, width=4, depth=2)
     unet.register_forward_hook(lambda *_: calls.append("unet"))
-    engine.forward_backward(unet, x, y, engine.CrossEntropy(), rt)
+    ce = engine.CrossEntropy()
+    engine.forward_backward(unet, x, y, ce, rt, engine.chunk_size(unet, ce, rt))
     assert calls[1:] == ["unet"]  # batch norm: whole batches too
 
 
