@@ -1,10 +1,12 @@
 """Compare finished run folders of part1_classify.py or of part2_segment.py (not both at once).
 
-Runs whose args.json differ only in seed and bookkeeping (the output folder, the device, ...) are
-pooled into a group, reported as mean ± sample std (ddof=1) of the headline metric (test_accuracy,
-or mean_ap for Part 2), the per-class values, epochs, training time and throughput, with the
-training curves as the mean over the group's runs and a min-max band. Writes compare.html
-(self-contained), compare.json and the curve PNGs into a new output folder.
+Seeds of one recipe form a group: runs whose args.json differ only in seed and in flags that
+cannot change the result (output folder, device, ...) and that trained as many epochs under the
+same stop conditions; --eval-only folders form groups of their own; a seed twice in a group is
+refused. Each group gets mean ± sample std (ddof=1) of the headline metric (test_accuracy, or
+mean_ap for Part 2), the per-class values, epochs, training time, throughput and (Part 2)
+compute, and its training curves (mean, min-max band). Writes compare.html (self-contained),
+compare.json and the curve PNGs into a new output folder.
 
     for seed in 0 1 2; do python part1_classify.py --seed $seed --output-dir runs/a/seed$seed; done
     python compare.py runs/a/seed*
@@ -13,9 +15,7 @@ training curves as the mean over the group's runs and a min-max band. Writes com
 from __future__ import annotations
 
 import csv
-import html
 import json
-import math
 import textwrap
 from collections import Counter
 from dataclasses import dataclass
@@ -26,38 +26,34 @@ from types import SimpleNamespace
 import numpy as np
 
 import cli
-import report
 import runfiles
 import utils
+from compare_report import format_value, number, plot_curves, render_html, summarise, terminal_table
 
 OUTPUT_ROOT = Path("outputs") / "compare"
-# Arguments that do not change what is trained: the seed, the recorded environment and the flags
-# a resumed run may change (bookkeeping, where and how fast it runs, when it stops). Runs that
-# differ only in these are repeats of one recipe. epochs, channels_last, micro_batch and tta stay
-# in the recipe, as does amp: they can change the numbers.
-NON_RECIPE_ARGS = frozenset(
-    (cli.RESUME_FREE - {"epochs", "channels_last", "micro_batch", "tta"}) | {"seed", "environment"}
-)
-LABEL_FIRST = ("model", "lr", "epochs", "batch_size")  # named first in a label when they differ
+# The grouping rule: the flags a resumed run may change (cli.RESUME_FREE: device, threads, speed
+# switches, outputs, ...) cannot change what it learns, so they do not split a group, except
+# these, which change what was measured (the value says how). eval_only, a checkpoint path, is
+# ignored too, but --eval-only folders never share a group with training runs (group_key).
+MEASURED = {
+    "epochs": "the length of the schedule",
+    "time_limit": "a stop condition (a run it stops trains fewer epochs)",
+    "stop_after_epochs": "a stop condition (as is time_limit)",
+    "tta": "test-time flips change the test numbers",
+}
+# The seed sets a group's members apart; the environment records where they ran.
+NON_RECIPE_ARGS = frozenset((cli.RESUME_FREE - MEASURED.keys()) | {"seed", "environment"})
+# Flags added after older folders were written, at the value with which they train as those did.
+ADDED_LATER = {"val_every": 1}
+LABEL_FIRST = ("model", "lr", "epochs", "epochs_trained", "batch_size")  # named first in labels
 MAX_LABEL_CHARS = 48
 CURVE_COLUMNS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 RUN_FIELDS = ("epochs", "train_time_min", "train_images_per_s")
-TITLES = {
-    "test_accuracy": "test accuracy",
-    "mean_per_class_accuracy": "mean per-class acc.",
-    "test_loss": "test loss",
-    "mean_ap": "mean AP",
-    "mean_ap_softmax": "mean AP (softmax)",
-    "miou": "mIoU",
-    "pixel_accuracy": "pixel accuracy",
-    "epochs": "epochs",
-    "train_time_min": "train time (min)",
-    "train_images_per_s": "train images/s",
-}
 
 
 # per part: the number runs are ranked by (headline), results.json's {class: value} key
-# (per_class), further metrics worth a column (extras), what metrics.csv's accuracy measures
+# (per_class), further metrics worth a column (extras), the compute a run spent (absent in older
+# folders), what a run reports of its training (run_fields), what metrics.csv's accuracy measures
 TASKS = {
     "classification": SimpleNamespace(
         part=1,
@@ -66,6 +62,8 @@ TASKS = {
         per_class="per_class_accuracy",
         per_class_title="Per-class test accuracy",
         extras=("mean_per_class_accuracy", "test_loss"),
+        compute=(),
+        run_fields=RUN_FIELDS,
         accuracy="accuracy",
     ),
     "segmentation": SimpleNamespace(
@@ -74,8 +72,10 @@ TASKS = {
         headline="mean_ap",
         per_class="ap",
         per_class_title="Per-class average precision",
-        accuracy="pixel accuracy",
         extras=("mean_ap_softmax", "miou", "pixel_accuracy", "test_loss"),
+        compute=("train_tflop", "val_tflop"),
+        run_fields=(*RUN_FIELDS, "train_tflop", "val_tflop"),
+        accuracy="pixel accuracy",
     ),
 }
 
@@ -87,6 +87,7 @@ class Run:
     results: dict
     curves: dict
     task: str
+    epochs_trained: float | None
     name: str = ""
     group: str = ""
 
@@ -97,15 +98,10 @@ class Group:
     recipe: dict
     differs: dict
     runs: list[Run]
+    eval_only: bool = False
 
 
 # ----------------------------------------------------------------------------- reading
-def number(value) -> float | None:
-    """A finite float, or None for anything else (missing, empty, text, nan, bool)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
 def read_curves(path: Path) -> dict[str, np.ndarray]:
     """metrics.csv as float arrays by epoch: "epoch" and those CURVE_COLUMNS that hold numbers
     (a resumed run logs an epoch again: the last row wins). No file: no curves."""
@@ -121,6 +117,14 @@ def read_curves(path: Path) -> dict[str, np.ndarray]:
         if np.isfinite(values).any():
             curves[column] = values
     return curves
+
+
+def epochs_trained(results: dict, curves: dict) -> float | None:
+    """results.json's epochs_trained, else metrics.csv's last epoch; None for --eval-only."""
+    epochs = number(results.get("epochs_trained"))
+    if epochs is None and "epoch" in curves:
+        epochs = float(curves["epoch"][-1])
+    return epochs
 
 
 def load_run(path: Path) -> Run:
@@ -150,7 +154,8 @@ def load_run(path: Path) -> Run:
             f"cannot tell whether {path} is a Part 1 or a Part 2 run (task "
             f"{task!r}; its results.json has neither test_accuracy nor mean_ap)"
         )
-    return Run(path, args, results, read_curves(path / "metrics.csv"), task)
+    curves = read_curves(path / "metrics.csv")
+    return Run(path, args, results, curves, task, epochs_trained(results, curves))
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
@@ -174,55 +179,74 @@ def load_runs(paths: list[Path]) -> list[Run]:
 
 # ----------------------------------------------------------------------------- grouping
 def recipe_of(args: dict) -> dict:
-    """The arguments that define what is trained. None values are dropped, so that an older
-    folder lacking a newer (unset) argument still groups with newer folders. Processes multiply
-    the global batch (batch_size is per process), so world_size is part of the recipe."""
-    recipe = {k: v for k, v in args.items() if k not in NON_RECIPE_ARGS and v is not None}
+    """The arguments that define what is trained and tested. None values are dropped, so that an
+    older folder lacking a newer (unset, or ADDED_LATER's value) argument still groups with newer
+    folders. Processes multiply the global batch (batch_size is per process), so world_size is
+    part of the recipe."""
+    recipe = {
+        k: v
+        for k, v in args.items()
+        if k not in NON_RECIPE_ARGS and v is not None and (k, v) not in ADDED_LATER.items()
+    }
     environment = args.get("environment") if isinstance(args.get("environment"), dict) else {}
     recipe.setdefault("world_size", environment.get("world_size") or 1)
     return recipe
+
+
+def identity(run: Run) -> dict:
+    """What seeds of one recipe share: the recipe, and the epochs actually trained (a run its
+    time limit or --stop-after-epochs stopped early has trained fewer; an --eval-only folder
+    does not record its checkpoint's)."""
+    trained = {} if run.epochs_trained is None else {"epochs_trained": run.epochs_trained}
+    return recipe_of(run.args) | trained
 
 
 def canonical(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def format_value(value) -> str:
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, separators=(",", ":"))
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def short_label(recipe: dict, keys: list[str]) -> str:
     """'model=unet lr=0.002', cut to MAX_LABEL_CHARS with '+N more' for the rest."""
-    parts = [f"{k}={format_value(recipe[k]) if k in recipe else '-'}" for k in keys]
+    parts = [f"{k}={format_value(recipe.get(k))}" for k in keys]
     for n in range(len(parts), 0, -1):
         label = " ".join(parts[:n]) + (f" +{len(parts) - n} more" if n < len(parts) else "")
         if len(label) <= MAX_LABEL_CHARS or n == 1:
             return label
 
 
-def group_key(recipe: dict) -> str:
-    """A switch left off equals its absence: older folders predate newer flags (--tta)."""
-    return canonical({k: v for k, v in recipe.items() if v is not False})
+def group_key(run: Run) -> str:
+    """A switch left off equals its absence: older folders predate newer flags (--tta). An
+    --eval-only folder never joins a training run's group, whatever its recipe."""
+    eval_only = run.args.get("eval_only") is not None
+    return canonical([eval_only, {k: v for k, v in identity(run).items() if v is not False}])
+
+
+def differing(identities: list[dict]) -> list[str]:
+    """The keys whose values differ between groups, the LABEL_FIRST ones first."""
+    keys = dict.fromkeys([*LABEL_FIRST, *(k for r in identities for k in r)])
+    return [k for k in keys if len({canonical(r.get(k, False)) for r in identities}) > 1]
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Groups in order of first appearance, labelled by the arguments that set them apart (the
-    LABEL_FIRST ones first; one group: the model); labels that come out alike are numbered."""
+    """Groups in order of first appearance, labelled by what sets them apart (epochs_trained
+    only where a run stopped short of its epochs; one group: the model; eval-only groups say
+    so); labels that come out alike are numbered. A seed that appears twice in a group is
+    refused: those runs are not independent samples of the recipe."""
     members: dict[str, list[Run]] = {}
     for run in runs:
-        members.setdefault(group_key(recipe_of(run.args)), []).append(run)
-    recipes = [recipe_of(group[0].args) for group in members.values()]
-    keys = [
-        k
-        for k in dict.fromkeys([*LABEL_FIRST, *(k for r in recipes for k in r)])
-        if len({canonical(r.get(k, False)) for r in recipes}) > 1
-    ]
+        members.setdefault(group_key(run), []).append(run)
+    identities = [identity(group[0]) for group in members.values()]
+    keys = differing(identities)
+    complete = all(r.get("epochs_trained") in (None, r.get("epochs")) for r in identities)
+    label_keys = [k for k in keys if not (complete and k == "epochs_trained")]
     groups = []
-    for recipe, group in zip(recipes, members.values()):
-        label = short_label(recipe, keys) if keys else format_value(recipe.get("model", "all runs"))
-        groups.append(Group(label, recipe, {k: recipe.get(k) for k in keys}, group))
+    for ident, group in zip(identities, members.values()):
+        eval_only = group[0].args.get("eval_only") is not None
+        label = short_label(ident, label_keys) if label_keys else ident.get("model", "all runs")
+        label = f"eval-only {label}" if eval_only else str(label)
+        recipe = {k: v for k, v in ident.items() if k != "epochs_trained"}
+        differs = {k: ident.get(k) for k in keys}
+        groups.append(Group(label, recipe, differs, group, eval_only))
     counts, seen = Counter(g.label for g in groups), Counter()
     for group in groups:
         if counts[group.label] > 1:
@@ -230,249 +254,18 @@ def group_runs(runs: list[Run]) -> list[Group]:
             group.label = f"{group.label} #{seen[group.label]}"
         for run in group.runs:
             run.group = group.label
+        refuse_repeated_seeds(group)
     return groups
 
 
-# ----------------------------------------------------------------------------- numbers
-def describe(values: list[float | None]) -> dict:
-    """mean, sample std (ddof=1; None for a single value), n over the values that exist."""
-    present = [v for v in values if v is not None]
-    return {
-        "mean": float(np.mean(present)) if present else None,
-        "std": float(np.std(present, ddof=1)) if len(present) > 1 else None,
-        "n": len(present),
-        "values": values,
-    }
-
-
-def run_row(run: Run, spec: SimpleNamespace) -> dict:
-    res, env = run.results, run.args.get("environment")
-    env = env if isinstance(env, dict) else {}
-    epochs = number(res.get("epochs_trained"))
-    if epochs is None and "epoch" in run.curves:
-        epochs = float(run.curves["epoch"][-1])
-    seconds = number(res.get("train_time_s"))
-    metrics = {m: number(res.get(m)) for m in (spec.headline, *spec.extras)} | {
-        "epochs": epochs,
-        "train_time_min": None if seconds is None else seconds / 60,
-        "train_images_per_s": number(res.get("train_images_per_s")),
-    }
-    per_class = res.get(spec.per_class)
-    per_class = per_class if isinstance(per_class, dict) else {}
-    device, world = str(env.get("gpu") or env.get("device") or ""), env.get("world_size") or 1
-    return {
-        "name": run.name,
-        "path": str(run.path),
-        "group": run.group,
-        "seed": run.args.get("seed"),
-        "device": f"{device} x{world}" if world != 1 else device,
-        "headline": metrics[spec.headline],
-        "metrics": metrics,
-        "per_class": {str(k): number(v) for k, v in per_class.items()},
-    }
-
-
-def summarise(runs: list[Run], groups: list[Group], spec: SimpleNamespace) -> dict:
-    """Everything compare.json holds (and the HTML shows)."""
-    rows = {run.name: run_row(run, spec) for run in runs}
-    classes = list(dict.fromkeys(c for row in rows.values() for c in row["per_class"]))
-    for row in rows.values():
-        row["per_class"] = {c: row["per_class"].get(c) for c in classes}
-    return {
-        "task": runs[0].task,
-        "part": spec.part,
-        "headline": spec.headline,
-        "per_class_metric": spec.per_class,
-        "classes": classes,
-        "runs": list(rows.values()),
-        "groups": [
-            {
-                "label": g.label,
-                "n": len(g.runs),
-                "runs": [r.name for r in g.runs],
-                "seeds": [r.args.get("seed") for r in g.runs],
-                "differs": g.differs,
-                "recipe": g.recipe,
-                "metrics": {
-                    m: describe([rows[r.name]["metrics"][m] for r in g.runs])
-                    for m in (spec.headline, *spec.extras, *RUN_FIELDS)
-                },
-                "per_class": {
-                    c: describe([rows[r.name]["per_class"][c] for r in g.runs]) for c in classes
-                },
-            }
-            for g in groups
-        ],
-    }
-
-
-# ----------------------------------------------------------------------------- figures
-def group_curve(runs: list[Run], column: str) -> tuple[np.ndarray, ...] | None:
-    """(epochs, mean, min, max) over the runs that logged ``column``, epoch by epoch (runs may
-    stop at different epochs)."""
-    by_epoch: dict[float, list[float]] = {}
-    for curves in (run.curves for run in runs if column in run.curves):
-        for epoch, value in zip(curves["epoch"], curves[column]):
-            if np.isfinite(value):
-                by_epoch.setdefault(epoch, []).append(value)
-    if not by_epoch:
-        return None
-    epochs = sorted(by_epoch)
-    stats = (np.array([f(by_epoch[e]) for e in epochs]) for f in (np.mean, np.min, np.max))
-    return np.array(epochs), *stats
-
-
-def plot_curves(groups: list[Group], quantity: str, ylabel: str, path: Path) -> bool:
-    """Training (left) and validation (right) ``quantity`` per group; False without data."""
-    columns = [f"train_{quantity}", f"val_{quantity}"]
-    if not any(c in run.curves for c in columns for g in groups for run in g.runs):
-        return False
-    fig, axes = report._plt().subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, split, column in zip(axes, ("training", "validation"), columns):
-        for k, group in enumerate(groups):
-            if (curve := group_curve(group.runs, column)) is not None:
-                epochs, mean, low, high = curve
-                ax.plot(
-                    epochs,
-                    mean,
-                    color=f"C{k % 10}",
-                    label=f"{group.label} (n={len(group.runs)})",
-                    marker="." if epochs.size < 3 else None,
-                )
-                ax.fill_between(epochs, low, high, color=f"C{k % 10}", alpha=0.2, lw=0)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        missing = "" if ax.lines else f" (no {column} in metrics.csv)"
-        ax.set(title=f"{split} {ylabel}{missing}", xlabel="epoch")
-        ax.xaxis.set_major_locator(report._plt().MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(ylabel)
-    report.save_figure(fig, path)
-    return True
-
-
-# ----------------------------------------------------------------------------- HTML
-def fmt(name: str, value: float | None) -> str:
-    formats = {"epochs": "{:.4g}", "train_time_min": "{:.2f}", "train_images_per_s": "{:,.0f}"}
-    return "–" if value is None else formats.get(name, "{:.4f}").format(value)
-
-
-def fmt_stats(name: str, stats: dict) -> str:
-    std = "" if stats["std"] is None else f" ± {fmt(name, stats['std'])}"
-    return fmt(name, stats["mean"]) + std
-
-
-def render_html(summary: dict, spec: SimpleNamespace, out: Path) -> str:
-    groups, classes, headline = summary["groups"], summary["classes"], spec.headline
-    names = [headline, *spec.extras, *RUN_FIELDS]
-    group_rows = [
-        [
-            g["label"],
-            g["n"],
-            ", ".join(map(str, g["seeds"])),
-            ", ".join(
-                f"{run} ({fmt(headline, value)})"
-                for run, value in zip(g["runs"], g["metrics"][headline]["values"])
-            ),
-            " ".join(f"{k}={format_value(v)}" for k, v in g["differs"].items())
-            or "(only one group)",
-        ]
-        for g in groups
-    ]
-    metric_rows = [
-        [g["label"], g["n"], *(fmt_stats(m, g["metrics"][m]) for m in names)] for g in groups
-    ]
-    class_rows = [
-        [c, *(fmt_stats(spec.per_class, g["per_class"][c]) for g in groups)] for c in classes
-    ]
-    curves = "".join(
-        report.figure_html(
-            out,
-            report.Figure(
-                f"{q}_curves.png",
-                f"{title.capitalize()} curves",
-                f"Training (left) and validation (right) {title} per epoch.",
-                wide=True,
-            ),
-            missing=f"No {q} columns in metrics.csv.",
+def refuse_repeated_seeds(group: Group) -> None:
+    seeds = [run.args.get("seed") for run in group.runs]
+    if repeated := [s for s in seeds if s is not None and seeds.count(s) > 1]:
+        first, second, *_ = [run.path for run, s in zip(group.runs, seeds) if s == repeated[0]]
+        raise utils.UserError(
+            f"{first} and {second} are both seed {repeated[0]} of one recipe (group "
+            f"{group.label}): compare distinct seeds, or runs that differ in a recipe argument"
         )
-        for q, title in (("loss", "loss"), ("accuracy", spec.accuracy))
-    )
-    table = report.html_table
-    sections = [
-        (
-            "Groups",
-            "Runs whose arguments differ only in seed (and bookkeeping such as the output "
-            f"folder or device) form one group, listed with their {TITLES[headline]}; the last "
-            "column lists the arguments that differ between groups.",
-            table(
-                ["group", "n", "seeds", f"runs ({TITLES[headline]})", "arguments that differ"],
-                group_rows,
-            ),
-        ),
-        (
-            "Headline metrics per group",
-            "Mean ± sample standard deviation (ddof=1) over the "
-            "group's runs on the test set; n is the number of runs; a single run shows its value.",
-            table(["group", "n", *(TITLES[m] for m in names)], metric_rows),
-        ),
-        (
-            f"{spec.per_class_title} per group",
-            "A row per class, a column per group: mean ± sample std over the group's runs."
-            if classes
-            else "No run holds per-class values.",
-            table(["class", *(f"{g['label']} (n={g['n']})" for g in groups)], class_rows)
-            if classes
-            else "",
-        ),
-        (
-            "Training curves",
-            "Line: the mean over the group's runs; shaded band: their minimum to maximum.",
-            f"<div class='figures'>{curves}</div>",
-        ),
-        (
-            "Per run",
-            f"Each run folder with its {TITLES[headline]}, {spec.per_class_title.lower()}, "
-            "epochs trained, wall-clock training time and training throughput.",
-            table(
-                [
-                    "run",
-                    "group",
-                    "seed",
-                    "device",
-                    TITLES[headline],
-                    *classes,
-                    *(TITLES[m] for m in RUN_FIELDS),
-                ],
-                [
-                    [
-                        r["name"],
-                        r["group"],
-                        r["seed"],
-                        r["device"],
-                        fmt(headline, r["headline"]),
-                        *(fmt(spec.per_class, r["per_class"].get(c)) for c in classes),
-                        *(fmt(m, r["metrics"][m]) for m in RUN_FIELDS),
-                    ]
-                    for r in summary["runs"]
-                ],
-            ),
-        ),
-    ]
-    intro = (
-        f"{len(summary['runs'])} runs in {len(groups)} group(s); headline metric "
-        f"{TITLES[headline]}; created {summary['created']}."
-    )
-    return report.html_page(
-        f"Run comparison, {spec.title}",
-        [
-            f"<p>{intro}</p>",
-            *(
-                f"<h2>{html.escape(title)}</h2><p class='why'>{html.escape(why)}</p>{content}"
-                for title, why, content in sections
-            ),
-        ],
-    )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -512,9 +305,13 @@ def compare_runs(run_dirs: list, output_dir: str | Path | None = None) -> dict:
 def build_parser() -> cli.Parser:
     parser = cli.main_parser(__doc__)
     ignored = ", ".join(sorted(NON_RECIPE_ARGS))
+    measured = "; ".join(f"{k}: {why}" for k, why in MEASURED.items())
     parser.epilog = textwrap.fill(
         f"Arguments ignored when grouping: {ignored} (the number of processes, "
-        "environment.world_size, does count).",
+        "environment.world_size, does count). Every other argument, and the epochs actually "
+        "trained, must match within a group. These may differ on --resume but count here "
+        f"({measured}). --eval-only folders are grouped by their checkpoint's recipe, apart "
+        "from training runs. A seed repeated within a group is refused.",
         width=79,
     )
     parser.add_argument(
@@ -539,11 +336,7 @@ def run(args) -> None:
         summary = compare_runs(args.runs, args.output_dir)
     except OSError as exc:  # e.g. an unwritable output folder: one line too
         raise utils.UserError(" ".join(str(exc).split())) from None
-    key, groups = summary["headline"], summary["groups"]
-    width = max(len("group"), *(len(g["label"]) for g in groups))
-    print(f"{'group':<{width}}  {'n':>3}  {key}")
-    for g in groups:
-        print(f"{g['label']:<{width}}  {g['n']:>3}  {fmt_stats(key, g['metrics'][key])}")
+    print(terminal_table(summary, TASKS[summary["task"]]))
     print(f"report: {summary['html']}")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cli
 import compare
 
 CLASSES_P1 = ["T-shirt/top", "Trouser", "Pullover"]
@@ -39,10 +40,14 @@ def make_run(
     finished: bool = True,
     header: list[str] | None = None,
     epochs: int = 3,
+    trained: int | None = None,
+    results_extra: dict | None = None,
     **recipe,
 ) -> Path:
     """A run folder as the scripts write it: args.json, metrics.csv and (if finished)
-    results.json, with the given recipe arguments and known numbers."""
+    results.json, with the given recipe arguments and known numbers. ``trained``: the epochs
+    actually trained (default: all ``epochs``; 0: none, as in an --eval-only folder)."""
+    trained = epochs if trained is None else trained
     folder.mkdir(parents=True)
     args = {
         "model": "sigmoid_cnn",
@@ -75,7 +80,7 @@ def make_run(
     with (folder / "metrics.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
-        for epoch in range(1, epochs + 1):
+        for epoch in range(1, trained + 1):
             loss = 1.0 / epoch + 0.01 * seed
             writer.writerow(
                 {
@@ -94,12 +99,16 @@ def make_run(
         values = dict(zip(names, per_class or [headline] * len(names)))
         common = {
             "model": args["model"],
-            "epochs_trained": epochs,
-            "train_time_s": 60.0 * (seed + 1),
-            "train_images_per_s": 1000.0 + seed,
             "test_loss": 0.3,
+            "checkpoint": str(folder / "checkpoints" / "best.pt"),
             "some_future_key": {"x": 1},
         }
+        if trained:
+            common |= {
+                "epochs_trained": trained,
+                "train_time_s": 60.0 * (seed + 1),
+                "train_images_per_s": 1000.0 + seed,
+            }
         if task == "classification":
             results = {
                 "test_accuracy": headline,
@@ -117,7 +126,7 @@ def make_run(
                 "gflops_per_image": 1.0,
                 **common,
             }
-        (folder / "results.json").write_text(json.dumps(results))
+        (folder / "results.json").write_text(json.dumps(results | (results_extra or {})))
     return folder
 
 
@@ -299,10 +308,8 @@ def test_bookkeeping_args_do_not_split_a_group_but_numerics_do(tmp_path):
         seed=7,
         device="cuda",
         threads=4,
-        time_limit=2.0,
         compile=True,
         resume="x.pt",
-        stop_after_epochs=2,
         environment={"device": "cuda:0", "world_size": 1, "gpu": "H100"},
     )
     amp = make_run(tmp_path / "c", amp=True)
@@ -314,6 +321,101 @@ def test_bookkeeping_args_do_not_split_a_group_but_numerics_do(tmp_path):
         "amp=True world_size=1",
         "amp=False world_size=2",
     ]
+
+
+def test_every_resume_free_flag_but_length_stops_and_tta_is_ignored(tmp_path):
+    base = make_run(tmp_path / "a", seed=0, micro_batch=0)
+    measured = {"epochs", "time_limit", "stop_after_epochs", "tta", "eval_only"}
+    free = {k: f"other-{k}" for k in cli.RESUME_FREE - measured}
+    assert {"channels_last", "micro_batch", "device", "compile"} <= free.keys()
+    other = make_run(tmp_path / "b", seed=1, **free)
+    tta = make_run(tmp_path / "c", seed=2, tta=True)
+    groups = compare.group_runs(compare.load_runs([base, other, tta]))
+    assert [[run.path for run in g.runs] for g in groups] == [[base, other], [tta]]
+    assert [g.label for g in groups] == ["tta=-", "tta=True"]
+
+
+def test_runs_that_trained_different_epochs_are_separate_groups(tmp_path):
+    # one recipe and time limit; seeds 0 and 1 stopped after 4 of 6 epochs, seeds 0 and 1 ran all 6
+    runs = [
+        make_run(tmp_path / f"e{n}" / f"seed{s}", seed=s, epochs=6, trained=n, time_limit=30.0)
+        for n in (4, 6)
+        for s in (0, 1)
+    ]
+    groups = compare.compare_runs(runs, tmp_path / "out")["groups"]
+    assert [(g["label"], g["seeds"]) for g in groups] == [
+        ("epochs_trained=4", [0, 1]),
+        ("epochs_trained=6", [0, 1]),
+    ]
+    assert [g["metrics"]["epochs"]["mean"] for g in groups] == [4, 6]
+
+
+def test_different_stop_conditions_are_separate_groups(tmp_path):
+    plain = make_run(tmp_path / "plain", seed=0)
+    limited = make_run(tmp_path / "limited", seed=1, time_limit=60.0)
+    boxed = make_run(tmp_path / "boxed", seed=2, stop_after_epochs=3)
+    groups = compare.group_runs(compare.load_runs([plain, limited, boxed]))
+    assert [[run.path for run in g.runs] for g in groups] == [[plain], [limited], [boxed]]
+    assert [(g.differs["time_limit"], g.differs["stop_after_epochs"]) for g in groups] == [
+        (None, None),
+        (60.0, None),
+        (None, 3),
+    ]
+
+
+def test_eval_only_folders_form_their_own_groups(tmp_path, capsys):
+    trained = [make_run(tmp_path / f"seed{s}", seed=s, headline=0.9 + s / 100) for s in (0, 1)]
+    evaluated = [
+        make_run(
+            run / "eval-1",
+            seed=s,
+            headline=0.8,
+            trained=0,
+            eval_only=str(run / "checkpoints" / "best.pt"),
+            eval_batch_size=64,
+        )
+        for s, run in enumerate(trained)
+    ]
+    out = tmp_path / "out"
+    assert run_cli([*map(str, trained + evaluated), "--output-dir", str(out)]) == 0
+    groups = json.loads((out / "compare.json").read_text())["groups"]
+    assert [(g["label"], g["seeds"]) for g in groups] == [
+        ("sigmoid_cnn", [0, 1]),
+        ("eval-only sigmoid_cnn", [0, 1]),
+    ]
+    assert [g["eval_only"] for g in groups] == [False, True]
+    assert groups[1]["metrics"]["test_accuracy"]["values"] == [0.8, 0.8]
+    assert groups[1]["metrics"]["epochs"]["n"] == 0
+    assert "eval-only sigmoid_cnn" in capsys.readouterr().out
+
+
+def test_part2_compute_per_group_and_run(tmp_path, capsys):
+    flops = [(120.0, 4.0), (130.0, 5.0)]
+    runs = [
+        make_run(
+            tmp_path / f"seed{s}",
+            task="segmentation",
+            seed=s,
+            model="unet",
+            results_extra={"train_tflop": train, "val_tflop": val},
+        )
+        for s, (train, val) in enumerate(flops)
+    ]
+    older = make_run(tmp_path / "older", task="segmentation", model="unet", lr=0.1)  # no TFLOP
+    out = tmp_path / "out"
+    assert run_cli([*map(str, runs), str(older), "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    new, old = summary["groups"]
+    assert new["metrics"]["train_tflop"]["mean"] == pytest.approx(125.0)
+    assert new["metrics"]["train_tflop"]["std"] == pytest.approx(np.std([120, 130], ddof=1))
+    assert new["metrics"]["val_tflop"]["values"] == [4.0, 5.0]
+    assert old["metrics"]["train_tflop"] == {"mean": None, "std": None, "n": 0, "values": [None]}
+    by_name = {r["name"]: r for r in summary["runs"]}
+    assert by_name["seed1"]["metrics"]["val_tflop"] == 5.0
+    assert by_name["older"]["metrics"]["train_tflop"] is None
+    page = (out / "compare.html").read_text()
+    assert "train TFLOP" in page and "125.00 ± 7.07" in page
+    assert "train_tflop" in capsys.readouterr().out
 
 
 def test_a_switch_left_off_groups_with_folders_that_predate_it(tmp_path):
@@ -366,6 +468,20 @@ def test_mixed_parts_are_refused_and_nothing_is_written(tmp_path, monkeypatch, c
     assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
 
 
+def test_a_seed_twice_in_a_group_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    first = make_run(tmp_path / "a" / "seed0", seed=0)
+    other = make_run(tmp_path / "a" / "seed1", seed=1)
+    again = make_run(tmp_path / "b" / "seed0", seed=0, device="cuda")  # the same run again
+    monkeypatch.chdir(tmp_path)
+    argv = [str(first), str(other), str(again)]
+    assert run_cli([*argv, "--output-dir", str(tmp_path / "out")]) == 2
+    line = assert_one_line_error(capsys, mentions="seed 0")
+    assert str(first) in line and str(again) in line and str(other) not in line
+    assert run_cli(argv) == 2
+    assert_one_line_error(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_unfinished_run_is_refused(tmp_path, capsys):
     done = make_run(tmp_path / "done")
     running = make_run(tmp_path / "running", seed=1, finished=False)
@@ -414,3 +530,13 @@ def test_help_explains_every_flag(capsys):
     assert run_cli(["--help"]) == 0
     text = capsys.readouterr().out
     assert "--output-dir" in text and "RUN" in text and "seed" in text
+
+
+def test_a_later_flag_at_its_old_behaviour_groups_with_folders_that_predate_it(tmp_path):
+    """--val-every 1 (validate every epoch) trains as folders written before the flag did;
+    --val-every 5 selects among fewer epochs: another recipe."""
+    older = make_run(tmp_path / "a", seed=0)  # no "val_every" in args.json
+    every = make_run(tmp_path / "b", seed=1, val_every=1)
+    sparse = make_run(tmp_path / "c", seed=2, val_every=5)
+    groups = compare.group_runs(compare.load_runs([older, every, sparse]))
+    assert sorted(len(g.runs) for g in groups) == [1, 2]
