@@ -47,7 +47,7 @@ EVAL_FREE = (RESUME_FREE - {"epochs"}) | {
     "no_download",
 }
 # --amp is left unset here: the runtime turns it on where the hardware computes bf16 natively.
-COMMON_DEFAULTS = {"seed": 0, "amp_dtype": "bf16", "sync_bn": False}
+COMMON_DEFAULTS = {"seed": 0, "amp_dtype": "bf16", "sync_bn": False, "val_every": 1}
 
 
 class Parser(argparse.ArgumentParser):
@@ -133,6 +133,13 @@ def add_common_args(
         metavar="N",
         help="end this invocation after N epochs, keeping the schedule of --epochs "
         "(time-boxed jobs; continue with --resume)",
+    )
+    g.add_argument(
+        "--val-every",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="validate every N epochs and at the last; the best epoch is chosen among the "
+        "validated ones (saves compute where the schedule ends at its best; default: 1)",
     )
     g.add_argument(
         "--time-limit",

@@ -295,14 +295,19 @@ class History:
         log: logging.Logger,
         epochs: int,
         ap_every: int = 0,
+        flops: tuple[float, float] | None = None,
     ):
         self.path, self.key, self.mode, self.log, self.epochs = path, key, mode, log, epochs
         self.ap_every = ap_every  # a val_mean_ap column, filled every ap_every epochs
+        self.flops = flops  # (per training image, forward + backward; per validation image)
         self.rows: list[dict] = []
         self.best_value, self.best_epoch = None, None  # restore_training sets them on --resume
 
-    def add(self, epoch: int, lr: float, train: dict, val: dict, rt: Runtime) -> bool:
-        """Record an epoch (rank 0 writes metrics.csv and logs it); True if it is the best."""
+    def add(self, epoch: int, lr: float, train: dict, val: dict | None, rt: Runtime) -> bool:
+        """Record an epoch (rank 0 writes metrics.csv and logs it); True if it is the best.
+        ``val`` None: not validated this epoch (--val-every), so it cannot be the best."""
+        validated = val is not None
+        val = val or {"loss": float("nan"), "images": 0, "time_s": 0.0}
         row = {"epoch": epoch, "lr": lr, "train_loss": train["loss"], "val_loss": val["loss"]}
         if "accuracy" in train:
             row.update(train_accuracy=train["accuracy"], val_accuracy=val.get("accuracy"))
@@ -311,7 +316,15 @@ class History:
         row.update(
             epoch_time_s=train["time_s"] + val["time_s"], train_images_per_s=train["images_per_s"]
         )
-        if val["images"] == 0:  # no validation set: the last epoch is the one to keep
+        if self.flops:
+            row.update(
+                train_tflop=train["images"] * self.flops[0] / 1e12,
+                val_tflop=val["images"] * self.flops[1] / 1e12,
+            )
+        if not validated:
+            row.update({k: float("nan") for k in row if k.startswith("val_") and "tflop" not in k})
+            improved = False
+        elif val["images"] == 0:  # no validation set: the last epoch is the one to keep
             row.update({k: float("nan") for k in row if k.startswith("val_")})
             improved = True
         else:
@@ -390,18 +403,22 @@ def fit(
     *,
     select: tuple[str, str],
     ap_every: int = 0,
+    flops: tuple[float, float] | None = None,
 ) -> dict:
     """Train for the recipe's epochs (from ``ckpt`` on --resume): train, validate, record,
     checkpoint; end with the best epoch by ``select`` = (metrics.csv column, "max"/"min") in the
     model. ``models`` = (model to train, unwrapped model); ``meta`` describes the run in each
     checkpoint; ``ap_every`` > 0 adds the validation pixels' mean AP every that many epochs and
-    at the last (segmentation). Returns which checkpoint the test numbers come from."""
+    at the last (segmentation); ``flops`` (per training image, forward + backward; per
+    validation image) adds the compute of each epoch to metrics.csv. Validation runs every
+    ``args.val_every`` epochs and at the last; the best is chosen among validated epochs.
+    Returns which checkpoint the test numbers come from and the compute spent (TFLOP)."""
     model, model_without_ddp = models
     train_loader, val_loader = loaders
     num_classes = len(meta["class_names"])
     steps = steps_per_epoch(train_loader, args.max_steps)
     optimizer, scheduler = optimizer_and_schedule(model_without_ddp, args, steps)
-    history = History(run_dir / "metrics.csv", *select, log, args.epochs, ap_every)
+    history = History(run_dir / "metrics.csv", *select, log, args.epochs, ap_every, flops)
     start_epoch = 1
     if ckpt is not None:
         start_epoch = restore_training(ckpt, model_without_ddp, optimizer, scheduler, rt, history)
@@ -425,13 +442,16 @@ def fit(
         # Rank 0's clock decides before validation, so the epoch a time limit stops at gets its
         # validation AP like the planned last one.
         stopping = epoch < last_epoch and out_of_time(started, args.time_limit, rt)
-        ap_due = ap_every and (epoch % ap_every == 0 or epoch == last_epoch or stopping)
-        val_metric = (
-            PixelScores(num_classes, softmax=False) if ap_due else ConfusionMatrix(num_classes)
-        )
-        val_stats = evaluate(
-            model_without_ddp, val_loader, loss_fn, rt, val_metric, desc=f"epoch {epoch} val"
-        )
+        final = epoch == last_epoch or stopping
+        val_stats = None
+        if final or epoch % args.val_every == 0:
+            ap_due = ap_every and (epoch % ap_every == 0 or final)
+            val_metric = (
+                PixelScores(num_classes, softmax=False) if ap_due else ConfusionMatrix(num_classes)
+            )
+            val_stats = evaluate(
+                model_without_ddp, val_loader, loss_fn, rt, val_metric, desc=f"epoch {epoch} val"
+            )
         is_best = history.add(epoch, lr, train_stats, val_stats, rt)
         if is_best:
             best_weights = copy_weights(model_without_ddp)
@@ -442,7 +462,11 @@ def fit(
             log.info("time limit of %g min reached after epoch %d", args.time_limit, epoch)
             break
     load_best_weights(model_without_ddp, best_weights, run_dir, rt)
-    return {
+    tested = {
         "checkpoint": str(run_dir / "checkpoints" / "best.pt"),
         "checkpoint_epoch": history.best_epoch,
     }
+    if flops:  # every epoch trained, also those before a --resume (their rows were read back)
+        for key in ("train_tflop", "val_tflop"):
+            tested[key] = sum(row[key] for row in history.rows)
+    return tested

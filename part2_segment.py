@@ -1,7 +1,7 @@
 """Part 2: facade semantic segmentation (5 classes: others, facade, pillar, window, balcony).
 
     python part2_segment.py --data data/facade                      # reference FCN
-    python part2_segment.py --data data/facade --model unet --amp   # improved U-Net (GPU)
+    python part2_segment.py --data data/facade --model unet         # improved U-Net (GPU)
     python part2_segment.py --data data/facade --model unet --width 16 --crop 128 \
         --crop-scale 0.45 0.6 --tta                                 # 27 minutes on a 2-core CPU
     python part2_segment.py --eval-only RUN/checkpoints/best.pt --data data/facade
@@ -174,6 +174,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--width", type=cli.POSITIVE_INT, metavar="C", help="U-Net base width (default: 32)"
     )
     parser.add_argument(
+        "--downsample",
+        type=int,
+        choices=[1, 2, 4],
+        help="the U-Net works on images averaged over F x F pixels and its scores are resized "
+        "back to full size: ~1/F^2 of the compute (default: 1)",
+    )
+    parser.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
         help="test with the mean scores of each image and its mirror image (one more forward "
@@ -190,9 +197,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def model_kwargs(args) -> dict:
-    if args.width is not None and args.model != "unet":
-        raise utils.UserError(f"--width applies to unet only, not {args.model}")
-    unet = {"width": args.width, "depth": 4} if args.model == "unet" else {}
+    for flag in ("width", "downsample"):
+        if getattr(args, flag) is not None and args.model != "unet":
+            raise utils.UserError(f"--{flag} applies to unet only, not {args.model}")
+    unet = {"width": args.width, "depth": 4, "downsample": args.downsample or 1}
+    unet = unet if args.model == "unet" else {}
     return {"num_classes": NUM_CLASSES} | unet
 
 
@@ -272,6 +281,8 @@ def main(args) -> dict:
     train_loader, val_loader, test_loader, normalization = build_loaders(args, rt, splits, ckpt)
     h, w = splits["test"][0].shape[-2:]
     flops = models.forward_flops(net, (1, 3, h, w))
+    train_side = (args.crop,) * 2 if args.augment != "none" else splits["train"][0].shape[-2:]
+    compute = models.image_flops(net, train_side, splits["val"][0].shape[-2:])
     model, model_without_ddp = utils.prepare_model(
         net, rt, compile_model=args.compile, sync_bn=args.sync_bn
     )
@@ -288,8 +299,10 @@ def main(args) -> dict:
         nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
         loss_fn = make_loss(args.loss, splits["train"][1])
         tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
-                            select=SELECT, ap_every=args.val_ap_every)  # fmt: skip
+                            select=SELECT, ap_every=args.val_ap_every,
+                            flops=(compute["train"], compute["val"]))  # fmt: skip
         if len(splits["val"][0]):
+            tested["val_tflop"] += 3 * len(splits["val"][0]) * compute["val"] / 1e12
             flipped = models.FlipAverage(model_without_ddp)
             tested |= engine.validate_both_views(model_without_ddp, flipped, val_loader, loss_fn,
                                                  rt, lambda: PixelScores(NUM_CLASSES, False),
@@ -303,8 +316,13 @@ def main(args) -> dict:
         figure = run_dir / "figures/predictions.png"
         predict.plot_predictions(tested_model, rt, splits["test"], normalization,
                                  args.num_examples, figure)  # fmt: skip
+        test_tflop = (1 + args.tta) * len(splits["test"][0]) * flops / 1e12
         tested |= {"model": args.model, "gflops_per_image": flops / 1e9, "tta": args.tta,
-                   "image_size": [int(h), int(w)], "normalization": normalization}  # fmt: skip
+                   "image_size": [int(h), int(w)], "normalization": normalization,
+                   "test_tflop": test_tflop}  # fmt: skip
+        log.info("compute (convolutions and matrix products, backward = 2x forward): training "
+                 "%.4g + validation %.4g TFLOP; test %.4g TFLOP", tested.get("train_tflop", 0),
+                 tested.get("val_tflop", 0), test_tflop)  # fmt: skip
         results = write_outputs(run_dir, results, tested, model_without_ddp, log)
     runfiles.close_logger(log)
     utils.cleanup_runtime(rt)

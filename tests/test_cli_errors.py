@@ -208,6 +208,20 @@ def test_part2_width_without_a_width_model(tmp_path, synthetic_facade):
     _check_part2_error(proc, run_dir, mentions="--width applies to unet only")
 
 
+def test_part2_downsample_without_a_unet_or_at_a_factor_it_lacks(tmp_path, synthetic_facade):
+    proc, run_dir = _part2(synthetic_facade, tmp_path, "--downsample", "2")  # facade_fcn
+    _check_part2_error(proc, run_dir, mentions="--downsample applies to unet only")
+    proc, run_dir = _part2(synthetic_facade, tmp_path, "--model", "unet", "--downsample", "3")
+    _check_part2_error(proc, run_dir, mentions="--downsample")
+
+
+def test_part2_downsampled_unet_needs_crops_of_twice_the_multiple(tmp_path, synthetic_facade):
+    """--downsample 2 doubles the U-Net's size multiple (16 -> 32): a 16-px crop is refused."""
+    flags = ("--model", "unet", "--width", "4", "--downsample", "2", "--crop", "16")
+    proc, run_dir = _part2(synthetic_facade, tmp_path, *flags)
+    _check_part2_error(proc, run_dir, mentions="--crop 16 is not a multiple of 32")
+
+
 @no_cuda
 def test_part2_device_cuda_without_cuda(tmp_path, synthetic_facade):
     proc, run_dir = _part2(synthetic_facade, tmp_path, "--device", "cuda")

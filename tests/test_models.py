@@ -138,3 +138,23 @@ def test_unet_flops_below_reference():
     ref = models.forward_flops(models.build_model("facade_fcn"), (1, 3, 256, 256))
     unet = models.forward_flops(models.build_model("unet"), (1, 3, 256, 256))
     assert unet < 0.7 * ref  # 24.2 vs 38.8 GFLOP
+
+
+def test_unet_downsample_runs_the_same_network_on_the_pooled_image_at_a_quarter_of_the_flops():
+    """downsample=2: the scores are the full-resolution U-Net's on the 2x2-averaged image,
+    resized back bilinearly; a quarter of the FLOPs; inputs must divide by 2 * 2**depth."""
+    torch.manual_seed(0)
+    half = models.build_model("unet", num_classes=5, width=4, downsample=2).eval()
+    full = models.build_model("unet", num_classes=5, width=4).eval()
+    full.load_state_dict(half.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = torch.nn.functional.interpolate(
+            full(torch.nn.functional.avg_pool2d(x, 2)), size=(64, 96), mode="bilinear"
+        )
+        assert torch.allclose(half(x), expected, atol=1e-6)
+    assert half.size_multiple == 32
+    assert models.forward_flops(half, (1, 3, 64, 96)) == models.forward_flops(full, (1, 3, 32, 48))
+    assert models.forward_flops(half, (1, 3, 64, 96)) * 4 == models.forward_flops(
+        full, (1, 3, 64, 96)
+    )

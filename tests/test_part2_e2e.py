@@ -197,7 +197,7 @@ def test_unet_one_epoch(synthetic_facade_ro, tmp_path):
     assert math.isfinite(float(rows[0]["train_loss"])) and math.isfinite(float(rows[0]["val_loss"]))
     assert math.isfinite(res["test_loss"]) and 0 <= res["mean_ap"] <= 1
     ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    assert ckpt["model_kwargs"] == {"num_classes": 5, "width": 8, "depth": 4}
+    assert ckpt["model_kwargs"] == {"num_classes": 5, "width": 8, "depth": 4, "downsample": 1}
 
 
 def test_real_facade_slice(facade_root, tmp_path):
@@ -349,3 +349,47 @@ def test_selected_epoch_is_scored_on_validation_with_and_without_flips(
         scores, labels = _best_scores(run_dir, synthetic_facade_ro / "train", 10, 11, flip=flip)
         assert res[key] == pytest.approx(_mean_ap(scores, labels), abs=1e-6), key
     assert res["val_mean_ap"] != res["val_mean_ap_tta"]
+
+
+def _facade_fcn_flops(h, w):
+    """2 x the multiply-adds of the reference FCN's convolutions (biases aside), worked out by
+    hand layer by layer: 38.8 GFLOP at 256 x 256, as the reference report says."""
+    per_pixel = 3 * 64 * 9 + 64 * 64 * 9 + 64 * 64 + 64 * 128 * 9 + 128 * 128 * 9
+    per_pixel += 128 * 128 + 128 * 5 * 25  # the second up-convolution and the 5 x 5 head
+    return 2 * h * w * per_pixel
+
+
+def test_compute_spent_is_counted_per_epoch_and_in_results(part2_run):
+    """metrics.csv holds each epoch's training (10 images, forward + backward = 3 forwards) and
+    validation (2 images) TFLOP; results.json their sums, plus scoring the selected epoch on
+    validation with and without flips (3 forwards per image) and the test (4 images)."""
+    run_dir, _ = part2_run
+    assert _facade_fcn_flops(256, 256) / 1e9 == pytest.approx(38.83, abs=0.01)
+    image = _facade_fcn_flops(32, 32) / 1e12
+    rows = _metrics(run_dir)
+    assert [float(r["train_tflop"]) for r in rows] == pytest.approx([10 * 3 * image] * 2)
+    assert [float(r["val_tflop"]) for r in rows] == pytest.approx([2 * image] * 2)
+    res = runfiles.read_json(run_dir / "results.json")
+    assert res["train_tflop"] == pytest.approx(60 * image)
+    assert res["val_tflop"] == pytest.approx(2 * 2 * image + 3 * 2 * image)
+    assert res["test_tflop"] == pytest.approx(4 * image)
+    logged = f"training {res['train_tflop']:.4g} + validation {res['val_tflop']:.4g} TFLOP"
+    assert logged in (run_dir / "log.txt").read_text()
+
+
+def test_val_every_validates_only_due_epochs_and_selects_among_them(synthetic_facade_ro, tmp_path):
+    """--val-every 2 over 3 epochs validates epochs 2 and 3 (the last) only; the best epoch is
+    the validated one of lower loss; a training crop's compute is counted at the crop size."""
+    run = tmp_path / "run"
+    flags = [*SYN_ARGS, *"--model unet --width 8 --crop 16 --epochs 3 --batch-size 5".split()]
+    res = run_part2("--data", synthetic_facade_ro, *flags, "--val-every", "2", "--output-dir", run)
+    rows = _metrics(run)
+    assert [r["val_loss"] == "nan" for r in rows] == [True, False, False]
+    assert float(rows[0]["val_tflop"]) == 0 and float(rows[1]["val_tflop"]) > 0
+    losses = {int(r["epoch"]): float(r["val_loss"]) for r in rows[1:]}
+    assert res["checkpoint_epoch"] == min(losses, key=losses.get)
+    best = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == res["checkpoint_epoch"]
+    net = models.build_model("unet", num_classes=5, width=8)
+    crop = 3 * models.forward_flops(net, (1, 3, 16, 16)) / 1e12
+    assert [float(r["train_tflop"]) for r in rows] == pytest.approx([10 * crop] * 3)
