@@ -466,7 +466,9 @@ def fit(
         "checkpoint": str(run_dir / "checkpoints" / "best.pt"),
         "checkpoint_epoch": history.best_epoch,
     }
-    if flops:  # every epoch trained, also those before a --resume (their rows were read back)
+    # Every epoch trained, also those before a --resume (their rows were read back), unless a
+    # row comes from before compute was recorded.
+    if flops and all("train_tflop" in row for row in history.rows):
         for key in ("train_tflop", "val_tflop"):
             tested[key] = sum(row[key] for row in history.rows)
     return tested

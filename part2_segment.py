@@ -295,7 +295,7 @@ def main(args) -> dict:
         tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
                             select=SELECT, ap_every=args.val_ap_every,
                             flops=(compute["train"], compute["val"]))  # fmt: skip
-        if len(splits["val"][0]):
+        if len(splits["val"][0]) and "val_tflop" in tested:
             tested["val_tflop"] += 3 * len(splits["val"][0]) * compute["val"] / 1e12
             flipped = models.FlipAverage(model_without_ddp)
             tested |= engine.validate_both_views(model_without_ddp, flipped, val_loader, loss_fn,

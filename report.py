@@ -69,9 +69,10 @@ def save_figure(fig, path: Path) -> None:
 # ----------------------------------------------------------------------------- plots
 def plot_curves(rows: list[dict], keys: list[str], path: Path, ylabel: str, title: str) -> None:
     fig, ax = _plt().subplots(figsize=(6, 4))
-    epochs = [r["epoch"] for r in rows]
-    for key in keys:
-        ax.plot(epochs, [r[key] for r in rows], marker="o", ms=3, label=key.replace("_", " "))
+    for key in keys:  # epochs without a value (not validated: --val-every) are left out
+        points = [(r["epoch"], r[key]) for r in rows if r[key] == r[key]]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, label=key.replace("_", " "))
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.xaxis.set_major_locator(_plt().MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
