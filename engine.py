@@ -321,11 +321,11 @@ class History:
                 train_tflop=train["images"] * self.flops[0] / 1e12,
                 val_tflop=val["images"] * self.flops[1] / 1e12,
             )
+        if not validated or val["images"] == 0:  # no validation numbers (its compute stays)
+            row.update({k: float("nan") for k in row if k.startswith("val_") and k != "val_tflop"})
         if not validated:
-            row.update({k: float("nan") for k in row if k.startswith("val_") and "tflop" not in k})
             improved = False
         elif val["images"] == 0:  # no validation set: the last epoch is the one to keep
-            row.update({k: float("nan") for k in row if k.startswith("val_")})
             improved = True
         else:
             value, best = row[self.key], self.best_value

@@ -201,8 +201,7 @@ def model_kwargs(args) -> dict:
         if getattr(args, flag) is not None and args.model != "unet":
             raise utils.UserError(f"--{flag} applies to unet only, not {args.model}")
     unet = {"width": args.width, "depth": 4, "downsample": args.downsample or 1}
-    unet = unet if args.model == "unet" else {}
-    return {"num_classes": NUM_CLASSES} | unet
+    return {"num_classes": NUM_CLASSES} | (unet if args.model == "unet" else {})
 
 
 def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
@@ -295,8 +294,9 @@ def main(args) -> dict:
         tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
                             select=SELECT, ap_every=args.val_ap_every,
                             flops=(compute["train"], compute["val"]))  # fmt: skip
-        if len(splits["val"][0]) and "val_tflop" in tested:
-            tested["val_tflop"] += 3 * len(splits["val"][0]) * compute["val"] / 1e12
+        if len(splits["val"][0]):
+            if "val_tflop" in tested:  # the two passes below: plain, and flipped (2 forwards)
+                tested["val_tflop"] += 3 * len(splits["val"][0]) * compute["val"] / 1e12
             flipped = models.FlipAverage(model_without_ddp)
             tested |= engine.validate_both_views(model_without_ddp, flipped, val_loader, loss_fn,
                                                  rt, lambda: PixelScores(NUM_CLASSES, False),

@@ -36,9 +36,9 @@ def run_cli(main: Callable, parser, argv=None) -> None:
     Under torchrun every rank leaves with os._exit once its streams are flushed, whatever ended
     it: a failing rank at once (a user error with its line and code 2, any other exception with
     its traceback and code 1; torchrun then stops the others), a finished one after
-    cleanup_runtime's barrier. A normal
-    interpreter exit could hang in, or abort from, gloo's teardown ("terminate called without an
-    active exception", seen in a CI run after every output had been written)."""
+    cleanup_runtime's barrier. A normal interpreter exit could hang in, or abort from, gloo's
+    teardown ("terminate called without an active exception", seen in a CI run after every
+    output had been written)."""
     args = parser.parse_args(argv)
     code = 0
     try:
