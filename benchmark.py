@@ -31,7 +31,9 @@ import torch
 import datasets
 import engine
 import hardware
+import losses
 import naive
+import optimizers
 import quality
 import runfiles
 import timing
@@ -221,7 +223,7 @@ def ap_check(args, device, images, labels, test, mean, std, amps) -> dict:
         torch.manual_seed(0)
         net, _ = utils.prepare_model(build_model("facade_fcn"), rt)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-5)
-        sched = engine.build_scheduler(opt, "constant", steps)
+        sched = optimizers.build_scheduler(opt, "constant", steps)
         loader = datasets.TensorLoader(
             images.to(rt.device), labels.to(rt.device), 8, mean=mean, std=std, train=True
         )
@@ -229,14 +231,14 @@ def ap_check(args, device, images, labels, test, mean, std, amps) -> dict:
         while done < steps:
             loader.set_epoch(done)
             trained = engine.train_one_epoch(
-                net, loader, engine.CrossEntropy(), opt, sched, rt, 0, max_steps=steps - done
+                net, loader, losses.CrossEntropy(), opt, sched, rt, 0, max_steps=steps - done
             )
             done += trained["images"] // 8
         test_loader = datasets.TensorLoader(
             test[0].to(rt.device), test[1].to(rt.device), 10, mean=mean, std=std, train=False
         )
         metric = PixelScores(5)
-        result = engine.evaluate(net, test_loader, engine.CrossEntropy(), rt, metric)
+        result = engine.evaluate(net, test_loader, losses.CrossEntropy(), rt, metric)
         out[amp or "fp32"] = result["mean_ap"]
         if "ap_curves_s" not in out:  # all 10 curves again, alone: 5 classes, raw and softmax
             start = time.perf_counter()

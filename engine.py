@@ -1,133 +1,22 @@
-"""Training and evaluation, shared by both parts: optimiser and per-step schedule, losses whose
-validation value is exact for any batching, ``train_one_epoch``, ``evaluate``, the per-epoch
-history (metrics.csv, best epoch) and the training state that checkpoints hold."""
+"""Training and evaluation, shared by both parts: ``train_one_epoch``, ``evaluate``, the
+per-epoch history (metrics.csv, best epoch), the training state that checkpoints hold and
+``fit``, the epoch loop. The optimiser lives in optimizers.py, the losses in losses.py."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import optimizers
 import runfiles
 import utils
 from metrics import ConfusionMatrix, PixelScores
 from utils import Runtime
-
-
-# ----------------------------------------------------------------------------- optimisation
-def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float):
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
-        )
-    raise ValueError(name)
-
-
-def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
-    """Multiplier of the peak LR at an optimiser step: linear warm-up, then constant or decay
-    (cosine or linear) to 0 at ``total_steps``."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1.0 - progress
-    raise ValueError(schedule)
-
-
-def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int = 0):
-    """A per-step LambdaLR: its state is only the step count, so resume needs nothing else."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, schedule, warmup_steps)
-    )
-
-
-def optimizer_and_schedule(model: torch.nn.Module, args, steps_per_epoch: int):
-    """The recipe's optimiser and its per-step schedule over ``args.epochs`` epochs."""
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay)
-    scheduler = build_scheduler(
-        optimizer,
-        args.schedule,
-        args.epochs * steps_per_epoch,
-        int(args.warmup_epochs * steps_per_epoch),
-    )
-    return optimizer, scheduler
-
-
-# ----------------------------------------------------------------------------- losses
-class CrossEntropy:
-    """Cross-entropy (optionally class-weighted, label-smoothed), mean over samples or pixels.
-    ``sums`` gives additive statistics and ``value`` the loss of their total, so the validation
-    loss is the same number for any batch size and any number of processes."""
-
-    num_sums = 2
-
-    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None):
-        self.label_smoothing, self.weight = label_smoothing, weight
-
-    @property
-    def splits_exactly(self) -> bool:
-        """A plain mean over samples or pixels: chunks weighted by their size add up to it."""
-        return self.weight is None
-
-    def _weight(self, logits):
-        return None if self.weight is None else self.weight.to(logits.device)
-
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits, y, weight=self._weight(logits), label_smoothing=self.label_smoothing
-        )
-
-    def sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        weight = self._weight(logits)
-        per_item = F.cross_entropy(
-            logits.float(), y, weight=weight, label_smoothing=self.label_smoothing, reduction="none"
-        )
-        count = y.numel() if weight is None else weight[y].sum()
-        return torch.stack([per_item.sum().double(), torch.as_tensor(count).double().to(y.device)])
-
-    def value(self, sums: torch.Tensor) -> float:
-        return (sums[0] / sums[1].clamp(min=1e-12)).item()
-
-
-class CrossEntropyDice(CrossEntropy):
-    """Class-weighted cross-entropy + soft Dice (mean over classes). For validation, Dice uses
-    the intersections and totals of the whole split rather than a mean of per-batch values."""
-
-    def __init__(self, weight: torch.Tensor, num_classes: int):
-        super().__init__(weight=weight)
-        self.num_classes, self.num_sums = num_classes, 2 + 2 * num_classes
-
-    def _dice_sums(self, logits, y):
-        probs = torch.softmax(logits.float(), 1)
-        onehot = F.one_hot(y, self.num_classes).permute(0, 3, 1, 2).float()
-        return (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))
-
-    def __call__(self, logits, y):
-        inter, total = self._dice_sums(logits, y)
-        return super().__call__(logits, y) + 1 - ((2 * inter + 1) / (total + 1)).mean()
-
-    def sums(self, logits, y):
-        inter, total = self._dice_sums(logits, y)
-        return torch.cat([super().sums(logits, y), inter.double(), total.double()])
-
-    def value(self, sums):
-        c = self.num_classes
-        inter, total = sums[2 : 2 + c], sums[2 + c :]
-        return super().value(sums) + 1 - ((2 * inter + 1) / (total + 1)).mean().item()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -417,7 +306,7 @@ def fit(
     train_loader, val_loader = loaders
     num_classes = len(meta["class_names"])
     steps = steps_per_epoch(train_loader, args.max_steps)
-    optimizer, scheduler = optimizer_and_schedule(model_without_ddp, args, steps)
+    optimizer, scheduler = optimizers.optimizer_and_schedule(model_without_ddp, args, steps)
     history = History(run_dir / "metrics.csv", *select, log, args.epochs, ap_every, flops)
     start_epoch = 1
     if ckpt is not None:

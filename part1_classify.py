@@ -22,6 +22,7 @@ import augment
 import cli
 import datasets
 import engine
+import losses
 import models
 import report
 import runfiles
@@ -229,7 +230,7 @@ def main(args) -> dict:
         net, rt, compile_model=args.compile, sync_bn=args.sync_bn
     )
     run_dir, log = runfiles.start_run(args, rt, OUTPUT_ROOT)
-    loss_fn = engine.CrossEntropy(label_smoothing=args.label_smoothing)
+    loss_fn = losses.CrossEntropy(label_smoothing=args.label_smoothing)
     sizes = " / ".join(f"{len(splits[s][0])} {s}" for s in ("train", "val", "test"))
     log.info("model %s: %d parameters; %s images", args.model, models.count_parameters(net), sizes)
     if args.eval_only:

@@ -27,6 +27,7 @@ import augment
 import cli
 import datasets
 import engine
+import losses
 import models
 import predict
 import report
@@ -231,13 +232,13 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
     return splits
 
 
-def make_loss(name: str, train_labels: torch.Tensor) -> engine.CrossEntropy:
+def make_loss(name: str, train_labels: torch.Tensor) -> losses.CrossEntropy:
     if name == "ce":
-        return engine.CrossEntropy()
+        return losses.CrossEntropy()
     counts = torch.bincount(train_labels.flatten().long(), minlength=NUM_CLASSES).double()
     # Inverse square-root frequency, mean 1: lifts rare pillars and balconies, spares the facade
     weights = counts.clamp(min=1) ** -0.5
-    return engine.CrossEntropyDice((weights / weights.mean()).float(), NUM_CLASSES)
+    return losses.CrossEntropyDice((weights / weights.mean()).float(), NUM_CLASSES)
 
 
 def build_loaders(args, rt: utils.Runtime, splits: dict, ckpt: dict | None):
@@ -303,7 +304,7 @@ def main(args) -> dict:
                                                  "mean_ap")  # fmt: skip
             log.info("validation mean AP of the selected epoch: %.4f, with flips %.4f",
                      tested["val_mean_ap"], tested["val_mean_ap_tta"])  # fmt: skip
-    metric, test_loss = PixelScores(NUM_CLASSES), engine.CrossEntropy()
+    metric, test_loss = PixelScores(NUM_CLASSES), losses.CrossEntropy()
     tested_model = models.FlipAverage(model_without_ddp) if args.tta else model_without_ddp
     results = engine.evaluate(tested_model, test_loader, test_loss, rt, metric, desc="test")
     if rt.is_main:  # rank 0 alone draws the prediction figure, with the unwrapped model

@@ -10,6 +10,8 @@ import time
 import torch
 
 import engine
+import losses
+import optimizers
 import utils
 
 
@@ -62,8 +64,8 @@ def ours_train(model, loader, rt, steps: int, compile_model=False, profiler=None
     run inside ``profiler`` when one is given."""
     net, _ = utils.prepare_model(model, rt, compile_model=compile_model)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sched = engine.build_scheduler(opt, "constant", steps)
-    loss_fn = engine.CrossEntropy()
+    sched = optimizers.build_scheduler(opt, "constant", steps)
+    loss_fn = losses.CrossEntropy()
     engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=2)  # warm-up, compile
     with profiler or contextlib.nullcontext():
         result = engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=steps)
@@ -74,7 +76,7 @@ def ours_eval(model, loader, rt, compile_model=False) -> float:
     net, _ = utils.prepare_model(model, rt, compile_model=compile_model)
     with torch.inference_mode(), rt.autocast():  # warm-up (and compile) on one batch
         net.eval()(rt.to_input(next(iter(loader))[0]))
-    return engine.evaluate(net, loader, engine.CrossEntropy(), rt)["images_per_s"]
+    return engine.evaluate(net, loader, losses.CrossEntropy(), rt)["images_per_s"]
 
 
 def profile_training_step(model, loader, rt, steps: int) -> list[dict]:

@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import datasets  # noqa: E402
 import engine  # noqa: E402
 import hardware  # noqa: E402
+import losses  # noqa: E402
 import models  # noqa: E402
+import optimizers  # noqa: E402
 import utils  # noqa: E402
 
 # model: (constructor kwargs, image shape, train batch, eval batch, train steps, eval images)
@@ -46,9 +48,9 @@ def survey(name: str, amps: list) -> None:
                 models.build_model(name, num_classes=classes, **kwargs), rt
             )
             opt = torch.optim.Adam(net.parameters(), 1e-3)
-            sched = engine.build_scheduler(opt, "constant", 100)
+            sched = optimizers.build_scheduler(opt, "constant", 100)
             loader = datasets.TensorLoader(x, y, train_batch, **norm, train=True)
-            loss = engine.CrossEntropy()
+            loss = losses.CrossEntropy()
             engine.train_one_epoch(net, loader, loss, opt, sched, rt, 0, max_steps=1)  # warm-up
             train = engine.train_one_epoch(net, loader, loss, opt, sched, rt, 0, max_steps=steps)
             eval_loader = datasets.TensorLoader(ex, ey, eval_batch, **norm, train=False)

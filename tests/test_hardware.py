@@ -12,6 +12,7 @@ import torch
 
 import engine
 import hardware
+import losses
 import models
 import utils
 
@@ -143,29 +144,29 @@ def test_micro_batches_give_the_whole_batch_gradient_and_only_where_exact():
     rounding); a class-weighted loss is not a plain mean, so it takes the batch whole."""
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4, 16, 16))
-    grads, losses, calls = [], [], []
+    grads, batch_losses, calls = [], [], []
     for micro in (None, 1):
         torch.manual_seed(1)
         net = models.build_model("facade_fcn", num_classes=5)
         rt = utils.setup_runtime(device="cpu", model="facade_fcn", micro_batch=micro or 0, hw=AVX2)
         assert rt.micro_batch == micro
         net.register_forward_hook(lambda *_, m=micro: calls.append(m))
-        ce = engine.CrossEntropy()
+        ce = losses.CrossEntropy()
         chunk = engine.chunk_size(net, ce, rt)
-        losses.append(engine.forward_backward(net, x, y, ce, rt, chunk).item())
+        batch_losses.append(engine.forward_backward(net, x, y, ce, rt, chunk).item())
         grads.append([p.grad.clone() for p in net.parameters()])
     assert calls == [None, 1, 1, 1, 1]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert batch_losses[1] == pytest.approx(batch_losses[0], rel=1e-5)
     for whole, chunked in zip(*grads):
         torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
-    weighted = engine.CrossEntropyDice(torch.ones(5), 5)
-    assert not weighted.splits_exactly and engine.CrossEntropy().splits_exactly
+    weighted = losses.CrossEntropyDice(torch.ones(5), 5)
+    assert not weighted.splits_exactly and losses.CrossEntropy().splits_exactly
     calls.clear()
     engine.forward_backward(net, x, y, weighted, rt, engine.chunk_size(net, weighted, rt))
     assert calls == [1]  # one forward pass: the whole batch
     unet = models.build_model("unet", num_classes=5, width=4, depth=2)
     unet.register_forward_hook(lambda *_: calls.append("unet"))
-    ce = engine.CrossEntropy()
+    ce = losses.CrossEntropy()
     engine.forward_backward(unet, x, y, ce, rt, engine.chunk_size(unet, ce, rt))
     assert calls[1:] == ["unet"]  # batch norm: whole batches too
 

@@ -16,6 +16,7 @@ from PIL import Image
 import datasets
 import engine
 import hardware
+import losses
 import models
 import part1_classify
 import part2_segment
@@ -299,7 +300,7 @@ def test_validation_loss_independent_of_batching():
     net = models.build_model("unet", num_classes=5, width=4, depth=2).eval()
     rt = utils.Runtime(device=torch.device("cpu"), progress=False)
     values = []
-    for loss_fn in (engine.CrossEntropyDice(weight, 5), engine.CrossEntropy(label_smoothing=0.1)):
+    for loss_fn in (losses.CrossEntropyDice(weight, 5), losses.CrossEntropy(label_smoothing=0.1)):
         for batch in (1, 2, 3, 7):
             loader = datasets.TensorLoader(
                 images, labels, batch, mean=[0.5] * 3, std=[0.25] * 3, train=False

@@ -8,30 +8,30 @@ import pickle
 import pytest
 import torch
 
-import engine
+import optimizers
 import runfiles
 import utils
 
 
 def test_lr_factor_values():
-    f = lambda s: engine.lr_factor(s, 100, "cosine", 10)  # noqa: E731
+    f = lambda s: optimizers.lr_factor(s, 100, "cosine", 10)  # noqa: E731
     assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5)  # half-way through the cosine part
     assert f(100) == pytest.approx(0.0, abs=1e-12)
     assert f(150) == pytest.approx(0.0, abs=1e-12)  # clamped after the end
-    assert engine.lr_factor(37, 100, "constant", 10) == 1.0
-    assert engine.lr_factor(55, 100, "linear", 10) == pytest.approx(0.5)
-    assert engine.lr_factor(0, 100, "cosine", 0) == pytest.approx(1.0)
+    assert optimizers.lr_factor(37, 100, "constant", 10) == 1.0
+    assert optimizers.lr_factor(55, 100, "linear", 10) == pytest.approx(0.5)
+    assert optimizers.lr_factor(0, 100, "cosine", 0) == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        engine.lr_factor(20, 100, "step", 10)
+        optimizers.lr_factor(20, 100, "step", 10)
 
 
 def test_build_scheduler_warmup_then_cosine_to_zero():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=0.4)
     total, warm = 50, 5
-    sched = engine.build_scheduler(opt, "cosine", total, warm)
+    sched = optimizers.build_scheduler(opt, "cosine", total, warm)
     lrs = []
     for _ in range(total):
         lrs.append(opt.param_groups[0]["lr"])
@@ -53,7 +53,7 @@ def test_scheduler_state_round_trip():
     def make():
         p = torch.nn.Parameter(torch.zeros(1))
         opt = torch.optim.Adam([p], lr=1e-2)
-        return opt, engine.build_scheduler(opt, "cosine", 20, 3)
+        return opt, optimizers.build_scheduler(opt, "cosine", 20, 3)
 
     opt, sched = make()
     for _ in range(7):

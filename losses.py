@@ -1,0 +1,69 @@
+"""Losses whose validation value is exact for any batching: each gives additive ``sums`` over a
+batch and the ``value`` of their total, so batch size and process count do not change it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class CrossEntropy:
+    """Cross-entropy (optionally class-weighted, label-smoothed), mean over samples or pixels.
+    ``sums`` gives additive statistics and ``value`` the loss of their total, so the validation
+    loss is the same number for any batch size and any number of processes."""
+
+    num_sums = 2
+
+    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None):
+        self.label_smoothing, self.weight = label_smoothing, weight
+
+    @property
+    def splits_exactly(self) -> bool:
+        """A plain mean over samples or pixels: chunks weighted by their size add up to it."""
+        return self.weight is None
+
+    def _weight(self, logits):
+        return None if self.weight is None else self.weight.to(logits.device)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits, y, weight=self._weight(logits), label_smoothing=self.label_smoothing
+        )
+
+    def sums(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weight = self._weight(logits)
+        per_item = F.cross_entropy(
+            logits.float(), y, weight=weight, label_smoothing=self.label_smoothing, reduction="none"
+        )
+        count = y.numel() if weight is None else weight[y].sum()
+        return torch.stack([per_item.sum().double(), torch.as_tensor(count).double().to(y.device)])
+
+    def value(self, sums: torch.Tensor) -> float:
+        return (sums[0] / sums[1].clamp(min=1e-12)).item()
+
+
+class CrossEntropyDice(CrossEntropy):
+    """Class-weighted cross-entropy + soft Dice (mean over classes). For validation, Dice uses
+    the intersections and totals of the whole split rather than a mean of per-batch values."""
+
+    def __init__(self, weight: torch.Tensor, num_classes: int):
+        super().__init__(weight=weight)
+        self.num_classes, self.num_sums = num_classes, 2 + 2 * num_classes
+
+    def _dice_sums(self, logits, y):
+        probs = torch.softmax(logits.float(), 1)
+        onehot = F.one_hot(y, self.num_classes).permute(0, 3, 1, 2).float()
+        return (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))
+
+    def __call__(self, logits, y):
+        inter, total = self._dice_sums(logits, y)
+        return super().__call__(logits, y) + 1 - ((2 * inter + 1) / (total + 1)).mean()
+
+    def sums(self, logits, y):
+        inter, total = self._dice_sums(logits, y)
+        return torch.cat([super().sums(logits, y), inter.double(), total.double()])
+
+    def value(self, sums):
+        c = self.num_classes
+        inter, total = sums[2 : 2 + c], sums[2 + c :]
+        return super().value(sums) + 1 - ((2 * inter + 1) / (total + 1)).mean().item()
