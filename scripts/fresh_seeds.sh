@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fresh seeds for a CPU headline that was settled while test numbers were in view, on a 2-core
 # CPU: seed 100 alone (its wall time is the documented time), then seeds 101 and 102 side by
-# side at one thread each (throughput, not timing; for fashion_net the pair ran at 1.06x the
+# side at one thread each (throughput, not timing; for fashion_net the pair ran at 1.07x the
 # throughput of one run alone). Each run's wall time goes to OUT/timings.txt.
 # Usage: bash scripts/fresh_seeds.sh fashion_net|unet_cpu [OUT_DIR]
 #   fashion_net: python part1_classify.py --model fashion_net --tta (data/fashion-mnist)
