@@ -1,5 +1,4 @@
-"""Losses whose validation value is exact for any batching: each gives additive ``sums`` over a
-batch and the ``value`` of their total, so batch size and process count do not change it."""
+"""The training losses of both parts, each with additive ``sums`` for an exact validation loss."""
 
 from __future__ import annotations
 

@@ -10,12 +10,7 @@ DATA=${2:-data/facade}
 OUT=${3:-runs/budget}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
-run() {  # run NAME [ENV=VALUE...] -- FLAGS...: one timed run folder OUT/NAME
-  local name=$1; shift
-  local start=$(date +%s)
-  env "$@" --output-dir "$OUT/$name" --no-progress > "$OUT/$name.out" 2>&1
-  echo "$name rc=$? wall_s=$(( $(date +%s) - start )) $*" >> "$OUT/timings.txt"
-}
+source "$(dirname "$0")/timed_run.sh"  # run NAME [VAR=VALUE...] COMMAND...
 run seed101 $PY part2_segment.py --data "$DATA" $RECIPE --seed 101 --threads 1 &
 run seed102 $PY part2_segment.py --data "$DATA" $RECIPE --seed 102 --threads 1 &
 wait

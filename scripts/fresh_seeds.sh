@@ -18,12 +18,7 @@ case $RECIPE in
   *) echo "unknown recipe: $RECIPE (fashion_net or unet_cpu)" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
-run() {  # run NAME COMMAND...: one timed run folder OUT/NAME
-  local name=$1; shift
-  local start=$(date +%s)
-  "$@" --output-dir "$OUT/$name" --no-progress > "$OUT/$name.out" 2>&1
-  echo "$name rc=$? wall_s=$(( $(date +%s) - start )) $*" >> "$OUT/timings.txt"
-}
+source "$(dirname "$0")/timed_run.sh"  # run NAME [VAR=VALUE...] COMMAND...
 run "${RECIPE}_seed100" $CMD --seed 100
 run "${RECIPE}_seed101" $CMD --seed 101 --threads 1 &
 run "${RECIPE}_seed102" $CMD --seed 102 --threads 1 &
