@@ -265,7 +265,7 @@ def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     hw = hardware.read_hardware()
-    kind = hardware.pick_device(args.device, hw)
+    kind, _ = hardware.pick_device(args.device, hw)
     device = torch.device(kind)
     scale = args.scale or (10 if kind == "cuda" else 1)
     native = native_amp_dtypes(kind, hw)

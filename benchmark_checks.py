@@ -4,9 +4,8 @@ targets; with their tables."""
 
 from __future__ import annotations
 
-import torch
-
 import hardware
+import settings
 
 PART_MODELS = {"part1": "sigmoid_cnn", "part2": "facade_fcn"}  # the reference model of each part
 
@@ -29,10 +28,9 @@ def native_amp_dtypes(kind: str, hw: hardware.Hardware) -> list[str]:
 def policy_flags(kind: str, hw: hardware.Hardware, model: str) -> dict:
     """What the scripts use for ``model`` here without flags (the policy, hardware.py): AMP
     dtype name or None, channels-last for training and for evaluation, training micro-batch."""
-    choice = hardware.choose(kind, hw, model=model)
-    amp = {None: None, torch.bfloat16: "bf16", torch.float16: "fp16"}[choice.amp_dtype]
-    return {"amp": amp, "train_cl": choice.channels_last, "eval_cl": choice.eval_channels_last,
-            "micro_batch": choice.micro_batch or 0}  # fmt: skip
+    chosen = settings.settle(hw, device=kind, model=model)
+    return {"amp": chosen.amp_dtype, "train_cl": chosen.channels_last,
+            "eval_cl": chosen.eval_channels_last, "micro_batch": chosen.micro_batch}  # fmt: skip
 
 
 def default_variants(kind: str, hw: hardware.Hardware) -> dict[str, str]:

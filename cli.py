@@ -11,43 +11,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import allocator
+import hardware
 import runfiles
+import settings
 import utils
 from utils import UserError
 
-# Flags that may differ on --resume: they cannot change the result (speed, where and how much
-# to run now, outputs). --epochs is checked on its own (only a constant schedule can grow).
-RESUME_FREE = {
-    "device",
-    "threads",
-    "no_progress",
-    "time_limit",
-    "stop_after_epochs",
-    "eval_batch_size",
-    "compile",
-    "channels_last",
-    "micro_batch",
-    "output_dir",
-    "resume",
-    "eval_only",
-    "report_only",
-    "num_examples",
-    "no_download",
-    "epochs",
-    "val_ap_every",
-    "tta",  # a test-time switch: training is the same with or without it
-}
-# --eval-only may also test in another precision, on other test data or images it finds elsewhere.
-EVAL_FREE = (RESUME_FREE - {"epochs"}) | {
-    "amp",
-    "amp_dtype",
-    "data",
-    "data_root",
-    "test_range",
-    "no_download",
-}
-# --amp is left unset here: the runtime turns it on where the hardware computes bf16 natively.
-COMMON_DEFAULTS = {"seed": 0, "amp_dtype": "bf16", "sync_bn": False, "val_every": 1}
+# Which flags may differ on --resume and on --eval-only: one table, a reason per flag.
+RESUME_FREE, EVAL_FREE = settings.free_on_resume(), settings.free_on_eval_only()
+COMMON_DEFAULTS = {"seed": 0, "sync_bn": False, "val_every": 1}
 
 
 class Parser(argparse.ArgumentParser):
@@ -184,7 +157,9 @@ def add_common_args(
     u.add_argument(
         "--amp-dtype",
         choices=["bf16", "fp16"],
-        help="autocast dtype; fp16 needs CUDA and uses a gradient scaler (default: bf16)",
+        help="autocast dtype, and autocast on when given alone; fp16 uses a gradient scaler "
+        "(on the CPU it is emulated and slow: it is there to check the fp16 path of GPUs "
+        "without bf16; default: bf16)",
     )
     u.add_argument(
         "--channels-last",
@@ -265,8 +240,6 @@ def resolve_args(
         adopt_checkpoint_epochs(args, ckpt["args"])
     if args.eval_only:  # args.json describes the checkpoint's run (seed, recipe, model)
         adopt_checkpoint_args(args, ckpt["args"], free=EVAL_FREE, why="it was trained with it")
-        if args.amp is None:  # test in the checkpoint's precision unless told
-            args.amp = bool(ckpt["args"].get("amp"))
     if ckpt is not None:  # the network is built from these, whatever the saved args say
         built = {k: v for k, v in ckpt["model_kwargs"].items() if k != "num_classes"}
         adopt_checkpoint_args(args, built, free=frozenset(), why="its network has it")
@@ -320,25 +293,35 @@ def main_parser(description: str) -> Parser:
     return Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def start(args: argparse.Namespace, *, task: str, defaults: dict, recipes: dict):
-    """The first steps of both scripts: the checkpoint of --resume / --eval-only, the resolved
-    flags, then the runtime they ask for, seeded per rank (different dropout masks and random
-    draws on each rank; DDP keeps the weights in step). Returns (checkpoint or None, runtime)."""
+def resolve(args: argparse.Namespace, *, task: str, defaults: dict, recipes: dict):
+    """The checkpoint of --resume / --eval-only (or None), and every flag filled in."""
     ckpt_path = args.resume or args.eval_only
     ckpt = runfiles.load_checkpoint(ckpt_path, task=task) if ckpt_path else None
     resolve_args(args, defaults=defaults, recipes=recipes, ckpt=ckpt)
-    rt = utils.setup_runtime(
+    return ckpt
+
+
+def runtime(args: argparse.Namespace, ckpt: dict | None, *, batch_splits: bool):
+    """The settled settings (settings.settle) applied, seeded per rank (different dropout masks
+    and random draws on each rank; DDP keeps the weights in step). A resumed run keeps its
+    checkpoint's precision; --eval-only tests in it unless a precision flag is given.
+    ``batch_splits``: whether the model and loss allow micro-batches (settings.settle)."""
+    fixed = False
+    if ckpt is not None and (args.resume or (args.amp is None and args.amp_dtype is None)):
+        fixed = settings.saved_precision(ckpt["args"], ckpt.get("scaler") or {})
+    hw = hardware.read_hardware()
+    effective = settings.settle(
+        hw,
         device=args.device,
         model=args.model,
         amp=args.amp,
         amp_dtype=args.amp_dtype,
         channels_last=args.channels_last,
         micro_batch=args.micro_batch,
-        threads=args.threads,
-        progress=not args.no_progress,
+        batch_splits=batch_splits,
+        fixed_precision=fixed,
+        allocator=allocator.keep_freed_memory(),
     )
-    args.amp = rt.amp_dtype is not None  # args.json records what the policy chose
-    args.channels_last = rt.channels_last  # the training layout (evaluation's is logged)
-    args.micro_batch = rt.micro_batch or 0
+    rt = utils.setup_runtime(effective, threads=args.threads, progress=not args.no_progress, hw=hw)
     utils.seed_everything(args.seed + rt.rank)
-    return ckpt, rt
+    return rt

@@ -18,7 +18,6 @@ import csv
 import json
 import textwrap
 from collections import Counter
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,22 +26,31 @@ import numpy as np
 
 import cli
 import runfiles
+import settings
 import utils
-from compare_report import format_value, number, plot_curves, render_html, summarise, terminal_table
+from compare_report import (
+    Group,
+    Run,
+    format_value,
+    number,
+    plot_curves,
+    render_html,
+    summarise,
+    terminal_table,
+)
 
 OUTPUT_ROOT = Path("outputs") / "compare"
-# The grouping rule: the flags a resumed run may change (cli.RESUME_FREE: device, threads, speed
-# switches, outputs, ...) cannot change what it learns, so they do not split a group, except
-# these, which change what was measured (the value says how). eval_only, a checkpoint path, is
-# ignored too, but --eval-only folders never share a group with training runs (group_key).
-MEASURED = {
-    "epochs": "the length of the schedule",
-    "time_limit": "a stop condition (a run it stops trains fewer epochs)",
-    "stop_after_epochs": "a stop condition (as is time_limit)",
-    "tta": "test-time flips change the test numbers",
-}
+# The grouping rule (settings.FLAGS, a reason per flag): runs group by what was trained. Flags
+# that cannot change what a run learns are ignored; the measured ones (test-time switches, the
+# tested images) count; a run's precision counts as it ran (args.json's "effective"), not as
+# its flags asked; a constant schedule is grouped by the epochs it trained, since --resume may
+# extend it, any other by its planned length and the epochs trained.
+MEASURED = {k: r.why for k, r in settings.FLAGS.items() if r.compare == settings.MEASURED}
 # The seed sets a group's members apart; the environment records where they ran.
-NON_RECIPE_ARGS = frozenset((cli.RESUME_FREE - MEASURED.keys()) | {"seed", "environment"})
+NON_RECIPE_ARGS = frozenset(
+    {k for k, r in settings.FLAGS.items() if r.compare == settings.IGNORED}
+    | {"seed", "environment", "effective"}
+)
 # Flags added after older folders were written, at the value with which they train as those did.
 ADDED_LATER = {"val_every": 1}
 LABEL_FIRST = ("model", "lr", "epochs", "epochs_trained", "batch_size")  # named first in labels
@@ -78,27 +86,6 @@ TASKS = {
         accuracy="pixel accuracy",
     ),
 }
-
-
-@dataclass
-class Run:
-    path: Path
-    args: dict
-    results: dict
-    curves: dict
-    task: str
-    epochs_trained: float | None
-    name: str = ""
-    group: str = ""
-
-
-@dataclass
-class Group:
-    label: str
-    recipe: dict
-    differs: dict
-    runs: list[Run]
-    eval_only: bool = False
 
 
 # ----------------------------------------------------------------------------- reading
@@ -188,6 +175,9 @@ def recipe_of(args: dict) -> dict:
         for k, v in args.items()
         if k not in NON_RECIPE_ARGS and v is not None and (k, v) not in ADDED_LATER.items()
     }
+    if args.get("schedule") == "constant":
+        recipe.pop("epochs", None)
+    recipe["precision"] = settings.saved_precision(args) or "fp32"
     environment = args.get("environment") if isinstance(args.get("environment"), dict) else {}
     recipe.setdefault("world_size", environment.get("world_size") or 1)
     return recipe
@@ -195,8 +185,8 @@ def recipe_of(args: dict) -> dict:
 
 def identity(run: Run) -> dict:
     """What seeds of one recipe share: the recipe, and the epochs actually trained (a run its
-    time limit or --stop-after-epochs stopped early has trained fewer; an --eval-only folder
-    does not record its checkpoint's)."""
+    time limit stopped early has trained fewer; a time-boxed run resumed to the end has not;
+    an --eval-only folder does not record its checkpoint's)."""
     trained = {} if run.epochs_trained is None else {"epochs_trained": run.epochs_trained}
     return recipe_of(run.args) | trained
 
@@ -309,9 +299,10 @@ def build_parser() -> cli.Parser:
     parser.epilog = textwrap.fill(
         f"Arguments ignored when grouping: {ignored} (the number of processes, "
         "environment.world_size, does count). Every other argument, and the epochs actually "
-        "trained, must match within a group. These may differ on --resume but count here "
-        f"({measured}). --eval-only folders are grouped by their checkpoint's recipe, apart "
-        "from training runs. A seed repeated within a group is refused.",
+        "trained, must match within a group (a run's precision as it ran; the planned epochs "
+        f"only for a schedule that is not constant). These count too ({measured}). --eval-only "
+        "folders are grouped by their checkpoint's recipe, apart "
+        "apart from training runs. A seed repeated within a group is refused.",
         width=79,
     )
     parser.add_argument(

@@ -7,16 +7,35 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 import report
 
-if TYPE_CHECKING:
-    from compare import Group, Run
+
+@dataclass
+class Run:
+    path: Path
+    args: dict
+    results: dict
+    curves: dict
+    task: str
+    epochs_trained: float | None
+    name: str = ""
+    group: str = ""
+
+
+@dataclass
+class Group:
+    label: str
+    recipe: dict
+    differs: dict
+    runs: list[Run]
+    eval_only: bool = False
+
 
 TITLES = {
     "test_accuracy": "test accuracy",

@@ -159,10 +159,18 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tenso
 
 
 def channel_stats(images_u8: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images scaled to 0-1 (the checkpoint's
-    ``normalization``)."""
-    x = images_u8.transpose(0, 1).reshape(images_u8.shape[1], -1).double() / 255
-    return x.mean(1).tolist(), x.std(1).tolist()
+    """Per-channel mean and (sample) std of uint8 images scaled to 0-1 (the checkpoint's
+    ``normalization``): each channel's histogram of the 256 values is counted on the device,
+    the moments are taken from it on the host in Python's doubles (MPS has no fp64)."""
+    means, stds = [], []
+    for channel in images_u8.transpose(0, 1):
+        counts = torch.bincount(channel.flatten(), minlength=256).tolist()
+        n = sum(counts)
+        mean = sum(v * c for v, c in enumerate(counts)) / n
+        var = sum(c * (v - mean) ** 2 for v, c in enumerate(counts)) / (n - 1)
+        means.append(mean / 255)
+        stds.append(var**0.5 / 255)
+    return means, stds
 
 
 # ----------------------------------------------------------------------------- facades

@@ -37,7 +37,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=rt.device)
     seen = 0
     steps = steps_per_epoch(loader, max_steps)
-    chunk = chunk_size(model, loss_fn, rt)
+    chunk = rt.micro_batch  # settled: used only where it gives the whole batch's gradient
     bar = tqdm(
         total=steps,
         desc=f"epoch {epoch} train",
@@ -62,32 +62,17 @@ def train_one_epoch(
             rate = seen * rt.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
     bar.close()
-    result = pass_summary(
-        torch.stack(
-            [loss_sum.double(), torch.tensor(float(seen), dtype=torch.float64, device=rt.device)]
-        ),
-        start,
-        rt,
-    )
-    result["loss"] = (result.pop("sums")[0] / max(result["images"], 1)).item()
+    result = pass_summary(host_totals([loss_sum.reshape(1)], 1, seen), start, rt)
+    result["loss"] = result.pop("sums")[0] / max(result["images"], 1)
     return result | finish_metric(metric, rt)
-
-
-def chunk_size(model, loss_fn, rt: Runtime) -> int | None:
-    """``rt.micro_batch`` where computing a batch in chunks gives the whole batch's gradient: a
-    loss that is a plain mean over samples or pixels and a network without batch norm (whose
-    statistics depend on the batch); None (whole batches) for class weights, Dice or batch norm."""
-    has_batch_norm = any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
-    )
-    return rt.micro_batch if loss_fn.splits_exactly and not has_batch_norm else None
 
 
 def forward_backward(model, x, y, loss_fn, rt: Runtime, chunk: int | None, metric=None):
     """Forward and backward of one training batch; returns its loss (detached, fp32). With a
-    ``chunk`` size (``chunk_size``) the batch runs in chunks whose losses are weighted by their
+    ``chunk`` size (``rt.micro_batch``) the batch runs in chunks whose losses are weighted by their
     share of it, so the accumulated gradient is the whole batch's (faster where a whole batch's
-    activations slow the kernels down; DDP reduces once, at the last chunk)."""
+    activations slow the kernels down; DDP reduces once, at the last chunk). settings.settle
+    gives a chunk size only where that holds: no batch norm, an unweighted mean loss."""
     size = chunk or len(x)
     chunks = list(zip(x.split(size), y.split(size)))
     total = torch.zeros((), device=rt.device)
@@ -112,7 +97,7 @@ def evaluate(model, loader, loss_fn, rt: Runtime, metric=None, desc: str = "eval
     """Exact loss and metric over every sample of the sharded loader. ``model`` is the unwrapped
     network: ranks with an empty shard then run no collective inside a forward pass."""
     model.eval()
-    sums, seen = None, 0
+    batch_sums, seen = [], 0
     start = time.perf_counter()
     bar = tqdm(
         loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (rt.is_main and rt.progress)
@@ -123,15 +108,11 @@ def evaluate(model, loader, loss_fn, rt: Runtime, metric=None, desc: str = "eval
             with rt.autocast():
                 logits = model(x)
             logits = logits.float()  # fp32 already: the models' last layer runs outside autocast
-            batch = loss_fn.sums(logits, y)
-            sums = batch if sums is None else sums + batch
+            batch_sums.append(loss_fn.sums(logits, y))  # fp32 on the device: MPS has no fp64
             seen += x.shape[0]
             if metric is not None:
                 metric.update(logits, y)
-    if sums is None:  # an empty shard still joins the all-reduce, with zeros
-        sums = torch.zeros(loss_fn.num_sums, dtype=torch.float64, device=rt.device)
-    counted = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64, device=rt.device)])
-    result = pass_summary(counted, start, rt)
+    result = pass_summary(host_totals(batch_sums, loss_fn.num_sums, seen), start, rt)
     result["loss"] = loss_fn.value(result.pop("sums")[:-1]) if result["images"] else float("nan")
     return result | finish_metric(metric, rt)
 
@@ -145,15 +126,26 @@ def validate_both_views(model, flipped, loader, loss_fn, rt: Runtime, metric, ke
     return {f"val_{key}": plain, f"val_{key}_tta": mirrored}
 
 
+def host_totals(batch_sums: list[torch.Tensor], size: int, seen: int) -> torch.Tensor:
+    """The per-batch fp32 sums of the device added up in fp64 on the host (MPS has no fp64),
+    with the image count last; zeros for a rank whose shard was empty (it still all-reduces)."""
+    sums = torch.zeros(size, dtype=torch.float64)
+    if batch_sums:
+        sums = torch.stack(batch_sums).cpu().double().sum(0)
+    return torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64)])
+
+
 def pass_summary(sums: torch.Tensor, start: float, rt: Runtime) -> dict:
-    """All-reduce ``sums`` (last entry: the image count) once; time and rate of the pass."""
+    """All-reduce the host's fp64 ``sums`` (last entry: the image count) once; time and rate of
+    the pass. nccl reduces GPU tensors, gloo CPU ones."""
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    sums = utils.all_reduce_sum(sums, rt)
+    on_gpu = rt.distributed and rt.device.type == "cuda"
+    sums = utils.all_reduce_sum(sums.to(rt.device) if on_gpu else sums, rt).cpu()
     images = int(sums[-1].item())
     return {
-        "sums": sums,
+        "sums": sums.tolist(),  # Python floats (doubles): the device never sees them
         "images": images,
         "time_s": elapsed,
         "images_per_s": images / max(elapsed, 1e-9),
@@ -301,7 +293,8 @@ def fit(
     at the last (segmentation); ``flops`` (per training image, forward + backward; per
     validation image) adds the compute of each epoch to metrics.csv. Validation runs every
     ``args.val_every`` epochs and at the last; the best is chosen among validated epochs.
-    Returns which checkpoint the test numbers come from and the compute spent (TFLOP)."""
+    Returns which checkpoint the test numbers come from and the compute spent (TFLOP), or None
+    where --stop-after-epochs ended this invocation before the schedule's end."""
     model, model_without_ddp = models
     train_loader, val_loader = loaders
     num_classes = len(meta["class_names"])
@@ -331,7 +324,9 @@ def fit(
         # Rank 0's clock decides before validation, so the epoch a time limit stops at gets its
         # validation AP like the planned last one.
         stopping = epoch < last_epoch and out_of_time(started, args.time_limit, rt)
-        final = epoch == last_epoch or stopping
+        # The planned last epoch or a time-limit stop; the end of a --stop-after-epochs
+        # invocation is not: it validates on schedule only, as the uninterrupted run does.
+        final = epoch == args.epochs or stopping
         val_stats = None
         if final or epoch % args.val_every == 0:
             ap_due = ap_every and (epoch % ap_every == 0 or final)
@@ -350,14 +345,16 @@ def fit(
         if stopping:
             log.info("time limit of %g min reached after epoch %d", args.time_limit, epoch)
             break
+    if not final:  # --stop-after-epochs ended this invocation: no selection, no test yet
+        return None
     load_best_weights(model_without_ddp, best_weights, run_dir, rt)
     tested = {
         "checkpoint": str(run_dir / "checkpoints" / "best.pt"),
         "checkpoint_epoch": history.best_epoch,
     }
     # Every epoch trained, also those before a --resume (their rows were read back), unless a
-    # row comes from before compute was recorded.
-    if flops and all("train_tflop" in row for row in history.rows):
-        for key in ("train_tflop", "val_tflop"):
+    # row comes from before compute was recorded (read back empty).
+    for key in ("train_tflop", "val_tflop") if flops else ():
+        if all(isinstance(row.get(key), (int, float)) for row in history.rows):
             tested[key] = sum(row[key] for row in history.rows)
     return tested

@@ -1,6 +1,7 @@
 """The hardware policy: which device, precision and memory format a run uses on the machine at
-hand, and why. Decided here alone, from measurements (docs/speed.md); ``utils.setup_runtime``
-applies the choice and the run folder records its reasons.
+hand, and why, from measurements (docs/speed.md): the machine's facts and one rule per setting.
+``settings.settle`` combines them with the flags given, ``utils.setup_runtime`` applies the
+result and the run folder records its reasons.
 
 - Device: ``auto`` is CUDA, then Apple's MPS, then the CPU.
 - Precision: bf16 autocast only where the hardware computes bf16 natively (CUDA compute
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from errors import UserError
+
 # (model, phase) pairs that run faster in the standard layout on a CPU whose oneDNN lacks
 # AVX-512; every other model and phase was faster in channels-last on both kinds of CPU.
 CPU_AVX2_STANDARD_LAYOUT = {("facade_fcn", "train")}
@@ -38,36 +41,53 @@ class Hardware:
     cuda_capability: tuple[int, int] | None = None
     mps: bool = False
     cpu_bf16_units: bool = False  # AVX512-BF16 or AMX in the CPU's flags
-    onednn_avx512: bool = False  # oneDNN may use AVX-512 (False under ONEDNN_MAX_CPU_ISA=AVX2)
+    onednn_avx512: bool = False  # AVX-512 in the CPU's flags, and oneDNN not capped below it
 
 
 def read_hardware() -> Hardware:
     cuda = torch.cuda.is_available()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    flags = cpu_flags()
     return Hardware(
         cuda=cuda,
         cuda_capability=torch.cuda.get_device_capability() if cuda else None,
         mps=mps,
-        cpu_bf16_units=cpu_has_bf16_units(),
-        # True where oneDNN's effective ISA reaches avx512_core; it follows ONEDNN_MAX_CPU_ISA.
-        onednn_avx512=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        cpu_bf16_units=bool({"avx512_bf16", "amx_bf16"} & flags),
+        onednn_avx512=onednn_uses_avx512(flags, os.environ.get("ONEDNN_MAX_CPU_ISA")),
     )
 
 
-def cpu_has_bf16_units() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty elsewhere, where fp32 is always right."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:  # not Linux: no cheap way to ask, so assume none (fp32 is always right)
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+            return {w for line in f if line.startswith("flags") for w in line.split()[2:]}
+    except OSError:
+        return set()
 
 
-def pick_device(requested: str, hw: Hardware) -> str:
-    """``auto``: CUDA, then MPS, then the CPU (the caller checks that a named device exists)."""
+def onednn_uses_avx512(flags: set[str], cap: str | None) -> bool:
+    """Whether oneDNN runs its AVX-512 kernels: the CPU has them (avx512_core: F, BW, VL, DQ)
+    and ONEDNN_MAX_CPU_ISA does not cap it below. Read from the flags, not from oneDNN's bf16
+    answer, which is also True on AVX2 laptop chips with AVX2-VNNI-2."""
+    has = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    cap = (cap or "").strip().upper()
+    return has and (cap in ("", "ALL", "DEFAULT") or cap.startswith(("AVX512", "AVX10")))
+
+
+def pick_device(requested: str, hw: Hardware) -> tuple[str, str]:
+    """The device kind and why: ``auto`` is CUDA, then MPS, then the CPU; a named one must
+    exist."""
+    present = {"cuda": hw.cuda, "mps": hw.mps, "cpu": True}
     if requested == "auto":
-        return "cuda" if hw.cuda else "mps" if hw.mps else "cpu"
-    return requested
+        kind = next(k for k in ("cuda", "mps", "cpu") if present[k])
+        return kind, f"{kind}: the first of CUDA, MPS, CPU present here (--device auto)"
+    if not present[requested]:
+        raise UserError(
+            f"--device {requested} was given but {requested.upper()} is not available on this "
+            "machine (use --device cpu or auto)"
+        )
+    return requested, f"{requested} (--device {requested})"
 
 
 def native_bf16(device_type: str, hw: Hardware) -> tuple[bool, str]:
@@ -86,56 +106,30 @@ def native_bf16(device_type: str, hw: Hardware) -> tuple[bool, str]:
     return True, "this CPU computes bf16 natively (AVX512-BF16 or AMX)"
 
 
-@dataclass(frozen=True)
-class Choice:
-    """What a run uses, with the reasons it records in args.json and its first log line."""
-
-    amp_dtype: torch.dtype | None
-    channels_last: bool  # model and training inputs
-    eval_channels_last: bool  # validation, test and figures
-    precision: str
-    memory_format: str
-    warnings: tuple[str, ...] = ()
-    micro_batch: int | None = None  # training batches computed in chunks of this many images
-
-
-def choose(
-    device_type: str,
-    hw: Hardware,
-    *,
-    model: str | None = None,
-    amp: bool | None = None,
-    amp_dtype: str = "bf16",
-    channels_last: bool | None = None,
-    micro_batch: int | None = None,
-) -> Choice:
-    """The precision, memory format and micro-batch for ``model`` on ``device_type``: the flags
-    given (``amp``/``channels_last`` True or False, ``micro_batch`` N), else the policy (None)."""
-    dtype, precision, warnings = precision_choice(device_type, hw, amp, amp_dtype)
-    train_cl, eval_cl, memory_format = layout_choice(device_type, hw, model, channels_last)
-    if micro_batch is None and device_type == "cpu" and not hw.onednn_avx512:
-        micro_batch = CPU_AVX2_MICRO_BATCH.get(model)
-    if micro_batch:
-        memory_format += f"; training in micro-batches of {micro_batch} where the loss allows"
-    return Choice(dtype, train_cl, eval_cl, precision, memory_format, warnings, micro_batch)
-
-
-def precision_choice(device_type, hw, amp, amp_dtype) -> tuple[torch.dtype | None, str, tuple]:
+def precision_choice(device_type, hw, wanted) -> tuple[str | None, str, tuple]:
+    """(precision, reason, warnings) for ``wanted``: False lets the policy choose; None is fp32
+    (--no-amp); "bf16" / "fp16" were asked for (by flags, or by a resumed checkpoint)."""
     native, why = native_bf16(device_type, hw)
-    if amp is False:
+    if wanted is None:
         return None, "fp32 (--no-amp)", ()
-    if amp is None:
+    if wanted is False:
         if native:
-            return torch.bfloat16, f"bf16 autocast: {why}", ()
+            return "bf16", f"bf16 autocast: {why}", ()
         hint = ()
         if device_type == "cuda":
             hint = ("hint: --amp --amp-dtype fp16 is faster than fp32 on this GPU",)
         return None, f"fp32: {why}", hint
-    if amp_dtype == "fp16":
-        return torch.float16, "fp16 autocast with a gradient scaler (--amp --amp-dtype fp16)", ()
-    warning = () if native else (f"warning: --amp asks for bf16, but {why}: expect it to run "
-                                 "much slower than fp32 (--no-amp) here",)  # fmt: skip
-    return torch.bfloat16, "bf16 autocast (--amp)", warning
+    if device_type == "mps":  # MPS autocast needs a newer torch than the floor and is untested
+        raise UserError(f"{wanted} autocast on MPS is not supported here: use --no-amp, "
+                          "or --device cpu")  # fmt: skip
+    if wanted == "fp16":
+        warning = () if device_type == "cuda" else (
+            "warning: fp16 autocast on the CPU is emulated and slow; it is meant for checking "
+            "the fp16 path of GPUs without bf16",)  # fmt: skip
+        return "fp16", "fp16 autocast with a gradient scaler (asked for)", warning
+    warning = () if native else (f"warning: bf16 autocast was asked for, but {why}: expect it "
+                                 "to run much slower than fp32 (--no-amp) here",)  # fmt: skip
+    return "bf16", "bf16 autocast (asked for)", warning
 
 
 def layout_choice(device_type, hw, model, channels_last) -> tuple[bool, bool, str]:
@@ -153,6 +147,23 @@ def layout_choice(device_type, hw, model, channels_last) -> tuple[bool, bool, st
             f"{model} on a CPU without AVX-512"
         )  # fmt: skip
     return True, True, "channels-last: measured faster on this kind of CPU"
+
+
+def micro_batch_choice(device_type, hw, model, requested, batch_splits) -> tuple[int, str]:
+    """(chunk size, reason): 0 is whole batches. Chunks are used only where they give the whole
+    batch's gradient (``batch_splits``: no batch norm, an unweighted mean loss)."""
+    policy = requested is None
+    if policy:
+        requested = CPU_AVX2_MICRO_BATCH.get(model, 0)
+        if device_type != "cpu" or hw.onednn_avx512:
+            requested = 0
+    if not requested:
+        return 0, "whole batches" + (" (--micro-batch 0)" if not policy else "")
+    if not batch_splits:
+        return 0, (f"whole batches: --micro-batch {requested} refused, since batch norm or a "
+                   "weighted loss would not give the whole batch's gradient")  # fmt: skip
+    why = "measured faster on a CPU without AVX-512" if policy else f"--micro-batch {requested}"
+    return requested, f"training in micro-batches of {requested}: {why}"
 
 
 def describe_cpu_isa() -> str:

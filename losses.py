@@ -35,10 +35,11 @@ class CrossEntropy:
             logits.float(), y, weight=weight, label_smoothing=self.label_smoothing, reduction="none"
         )
         count = y.numel() if weight is None else weight[y].sum()
-        return torch.stack([per_item.sum().double(), torch.as_tensor(count).double().to(y.device)])
+        count = torch.as_tensor(count, dtype=torch.float32, device=y.device)
+        return torch.stack([per_item.sum(), count])  # fp32: added up in fp64 on the host
 
-    def value(self, sums: torch.Tensor) -> float:
-        return (sums[0] / sums[1].clamp(min=1e-12)).item()
+    def value(self, sums: list[float]) -> float:
+        return sums[0] / max(sums[1], 1e-12)
 
 
 class CrossEntropyDice(CrossEntropy):
@@ -60,9 +61,9 @@ class CrossEntropyDice(CrossEntropy):
 
     def sums(self, logits, y):
         inter, total = self._dice_sums(logits, y)
-        return torch.cat([super().sums(logits, y), inter.double(), total.double()])
+        return torch.cat([super().sums(logits, y), inter, total])
 
     def value(self, sums):
         c = self.num_classes
-        inter, total = sums[2 : 2 + c], sums[2 + c :]
-        return super().value(sums) + 1 - ((2 * inter + 1) / (total + 1)).mean().item()
+        dice = [(2 * i + 1) / (t + 1) for i, t in zip(sums[2 : 2 + c], sums[2 + c :])]
+        return super().value(sums) + 1 - sum(dice) / c

@@ -48,7 +48,7 @@ class ConfusionMatrix:
             self.predictions = [gather_in_dataset_order(local, rt).cpu()]
 
     def compute(self) -> dict:
-        m = self.matrix.double().cpu()
+        m = self.matrix.cpu().double()  # on the host: MPS has no fp64
         total, diag = m.sum(), m.diag()
         per_class_acc = diag / m.sum(1).clamp(min=1)
         iou = diag / (m.sum(0) + m.sum(1) - diag).clamp(min=1)

@@ -206,6 +206,14 @@ def models_for(task: str) -> list[str]:
     return [name for name, (_, t) in MODELS.items() if t == task]
 
 
+def has_batch_norm(name: str, **kwargs) -> bool:
+    """Whether network ``name`` has batch norm, which makes a batch's gradient depend on how it
+    is split (no micro-batches). Built on the meta device: no memory, no random draws."""
+    with torch.device("meta"):
+        net = build_model(name, **kwargs)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

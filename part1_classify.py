@@ -215,8 +215,9 @@ def main(args) -> dict:
     what results.json holds (rank 0) or the raw test metrics (other ranks)."""
     if args.report_only:
         return rebuild_report(Path(args.report_only))
-    ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
+    ckpt = cli.resolve(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
     net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
+    rt = cli.runtime(args, ckpt, batch_splits=not models.has_batch_norm(args.model, **net_kwargs))
     splits, normalization = load_data(args, rt, ckpt)  # bad data stops before the run folder
     train_loader, val_loader, test_loader = datasets.split_loaders(
         splits, normalization, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
@@ -238,11 +239,14 @@ def main(args) -> dict:
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
         meta = dict(task=TASK, model_name=args.model, model_kwargs=net_kwargs,
-                    class_names=NAMES, normalization=normalization, args=vars(args))  # fmt: skip
+                    class_names=NAMES, normalization=normalization,
+                    args=runfiles.recorded_args(args, rt))  # fmt: skip
         nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
         tested = engine.fit(
             args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt, select=SELECT
         )
+        if tested is None:
+            return runfiles.stop_invocation(args, rt, run_dir, log)
         if len(splits["val"][0]):
             flipped = models.FlipAverage(model_without_ddp)
             tested |= engine.validate_both_views(model_without_ddp, flipped, val_loader, loss_fn,

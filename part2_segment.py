@@ -29,8 +29,8 @@ import datasets
 import engine
 import losses
 import models
+import part2_report
 import predict
-import report
 import runfiles
 import utils
 from metrics import PixelScores
@@ -38,13 +38,6 @@ from metrics import PixelScores
 TASK, OUTPUT_ROOT = "segmentation", "outputs/part2"
 NAMES = datasets.FACADE_CLASSES
 NUM_CLASSES = len(NAMES)
-REFERENCE_AP = {
-    "others": 0.607,
-    "facade": 0.768,
-    "pillar": 0.122,
-    "window": 0.780,
-    "balcony": 0.417,
-}  # the reference report; mean 0.539
 DEFAULTS = {
     "model": "facade_fcn",
     "data": "data/facade",
@@ -83,29 +76,6 @@ RECIPES = {
         width=32,
     ),
 }
-FIGURES = [
-    *report.TRAINING_FIGURES,
-    report.Figure(
-        "figures/per_class_ap.png",
-        "Per-class average precision",
-        "AP of each class over all test pixels (sklearn's definition, raw scores), "
-        "beside the reference report's values.",
-    ),
-    report.Figure(
-        "figures/pr_curves.png",
-        "Precision-recall curves",
-        "Precision against recall of each class as the score threshold falls; the "
-        "area under each curve is its AP.",
-    ),
-    report.CONFUSION_FIGURE,
-    report.Figure(
-        "figures/predictions.png",
-        "Test predictions",
-        "Fixed test images: the photo, the ground truth and the network's prediction, "
-        "in the dataset's class colours (key under the images).",
-        wide=True,
-    ),
-]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -235,10 +205,12 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
 def make_loss(name: str, train_labels: torch.Tensor) -> losses.CrossEntropy:
     if name == "ce":
         return losses.CrossEntropy()
-    counts = torch.bincount(train_labels.flatten().long(), minlength=NUM_CLASSES).double()
+    counts = torch.bincount(train_labels.flatten().long(), minlength=NUM_CLASSES).tolist()
     # Inverse square-root frequency, mean 1: lifts rare pillars and balconies, spares the facade
-    weights = counts.clamp(min=1) ** -0.5
-    return losses.CrossEntropyDice((weights / weights.mean()).float(), NUM_CLASSES)
+    # (in Python's doubles on the host: MPS has no fp64)
+    weights = [max(c, 1) ** -0.5 for c in counts]
+    weights = torch.tensor([w * len(weights) / sum(weights) for w in weights])
+    return losses.CrossEntropyDice(weights, NUM_CLASSES)
 
 
 def build_loaders(args, rt: utils.Runtime, splits: dict, ckpt: dict | None):
@@ -263,24 +235,26 @@ def main(args) -> dict:
     """Train (or --resume, or --eval-only), test the best epoch, write the run folder; returns
     what results.json holds (rank 0) or the raw test metrics (other ranks)."""
     if args.report_only:
-        return rebuild_report(Path(args.report_only))
-    ckpt, rt = cli.start(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
+        return part2_report.rebuild_report(Path(args.report_only))
+    ckpt = cli.resolve(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
+    net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
+    splits_exactly = args.loss == "ce" and not models.has_batch_norm(args.model, **net_kwargs)
+    rt = cli.runtime(args, ckpt, batch_splits=splits_exactly)
+    net = models.build_model(args.model, **net_kwargs)
     if args.eval_batch_size is None:  # batch 1 evaluates ~40% faster than 10 on a 2-core CPU
         args.eval_batch_size = 10 if rt.device.type == "cuda" else 1
-    net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
-    net = models.build_model(args.model, **net_kwargs)
     if args.crop % net.size_multiple:
         raise utils.UserError(f"--crop {args.crop} is not a multiple of {net.size_multiple}")
     splits = load_data(args, rt, net.size_multiple)  # bad data stops before the run folder
     train_loader, val_loader, test_loader, normalization = build_loaders(args, rt, splits, ckpt)
-    h, w = splits["test"][0].shape[-2:]
-    flops = models.forward_flops(net, (1, 3, h, w))
     train_side = (args.crop,) * 2 if args.augment != "none" else splits["train"][0].shape[-2:]
     compute = models.image_flops(net, train_side, splits["val"][0].shape[-2:])
     model, model_without_ddp = utils.prepare_model(
         net, rt, compile_model=args.compile, sync_bn=args.sync_bn
     )
     run_dir, log = runfiles.start_run(args, rt, OUTPUT_ROOT)
+    h, w = splits["test"][0].shape[-2:]
+    flops = models.forward_flops(net, (1, 3, h, w))
     sizes = " / ".join(f"{len(splits[s][0])} {s}" for s in ("train", "val", "test"))
     log.info("model %s: %d parameters, %.1f GFLOP per %dx%d image; %s images", args.model,
              models.count_parameters(net), flops / 1e9, w, h, sizes)  # fmt: skip
@@ -289,111 +263,60 @@ def main(args) -> dict:
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
     else:
         meta = dict(task=TASK, model_name=args.model, model_kwargs=net_kwargs,
-                    class_names=NAMES, normalization=normalization, args=vars(args))  # fmt: skip
-        nets, loaders = (model, model_without_ddp), (train_loader, val_loader)
-        loss_fn = make_loss(args.loss, splits["train"][1])
-        tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
-                            select=SELECT, ap_every=args.val_ap_every,
-                            flops=(compute["train"], compute["val"]))  # fmt: skip
-        if len(splits["val"][0]):
-            if "val_tflop" in tested:  # the two passes below: plain, and flipped (2 forwards)
-                tested["val_tflop"] += 3 * len(splits["val"][0]) * compute["val"] / 1e12
-            flipped = models.FlipAverage(model_without_ddp)
-            tested |= engine.validate_both_views(model_without_ddp, flipped, val_loader, loss_fn,
-                                                 rt, lambda: PixelScores(NUM_CLASSES, False),
-                                                 "mean_ap")  # fmt: skip
-            log.info("validation mean AP of the selected epoch: %.4f, with flips %.4f",
-                     tested["val_mean_ap"], tested["val_mean_ap_tta"])  # fmt: skip
-    metric, test_loss = PixelScores(NUM_CLASSES), losses.CrossEntropy()
+                    class_names=NAMES, normalization=normalization,
+                    args=runfiles.recorded_args(args, rt))  # fmt: skip
+        tested = train_and_select(args, rt, (model, model_without_ddp), (train_loader, val_loader),
+                                  splits, (run_dir, log, meta, ckpt), compute)  # fmt: skip
+        if tested is None:
+            return runfiles.stop_invocation(args, rt, run_dir, log)
+    tested |= {"model": args.model, "gflops_per_image": flops / 1e9, "tta": args.tta,
+               "image_size": [int(h), int(w)], "normalization": normalization,
+               "test_tflop": (1 + args.tta) * len(splits["test"][0]) * flops / 1e12}  # fmt: skip
     tested_model = models.FlipAverage(model_without_ddp) if args.tta else model_without_ddp
-    results = engine.evaluate(tested_model, test_loader, test_loss, rt, metric, desc="test")
+    results = engine.evaluate(tested_model, test_loader, losses.CrossEntropy(), rt,
+                              PixelScores(NUM_CLASSES), desc="test")  # fmt: skip
     if rt.is_main:  # rank 0 alone draws the prediction figure, with the unwrapped model
-        figure = run_dir / "figures/predictions.png"
-        predict.plot_predictions(tested_model, rt, splits["test"], normalization,
-                                 args.num_examples, figure)  # fmt: skip
-        test_tflop = (1 + args.tta) * len(splits["test"][0]) * flops / 1e12
-        tested |= {"model": args.model, "gflops_per_image": flops / 1e9, "tta": args.tta,
-                   "image_size": [int(h), int(w)], "normalization": normalization,
-                   "test_tflop": test_tflop}  # fmt: skip
+        predict.plot_predictions(
+            tested_model,
+            rt,
+            splits["test"],
+            normalization,
+            args.num_examples,
+            run_dir / "figures/predictions.png",
+        )
         log.info("compute (convolutions and matrix products, backward = 2x forward): training "
                  "%.4g + validation %.4g TFLOP; test %.4g TFLOP", tested.get("train_tflop", 0),
-                 tested.get("val_tflop", 0), test_tflop)  # fmt: skip
-        results = write_outputs(run_dir, results, tested, model_without_ddp, log)
+                 tested.get("val_tflop", 0), tested["test_tflop"])  # fmt: skip
+        results = part2_report.write_outputs(run_dir, results, tested, model_without_ddp, log)
     runfiles.close_logger(log)
     utils.cleanup_runtime(rt)
     return results
 
 
-def write_outputs(run_dir: Path, test: dict, tested: dict, model, log) -> dict:
-    """results.json, the other figures and report.html of a finished training or --eval-only:
-    the test metrics, then what ``tested`` says of the checkpoint, model and data."""
-    per_class = {k: dict(zip(NAMES, test[k])) for k in ("ap", "ap_softmax", "iou", "pr_curves")}
-    results = {
-        "task": TASK,
-        "mean_ap": test["mean_ap"],
-        "ap": per_class["ap"],
-        "mean_ap_softmax": test["mean_ap_softmax"],
-        "ap_softmax": per_class["ap_softmax"],
-        "pixel_accuracy": test["pixel_accuracy"],
-        "miou": test["miou"],
-        "iou": per_class["iou"],
-        "test_loss": test["loss"],
-        "test_images_per_s": test["images_per_s"],
-        "confusion_matrix": test["confusion_matrix"],
-        "pr_curves": per_class["pr_curves"],
-        "parameters": models.count_parameters(model),
-    }
-    return publish(run_dir, results | tested, log)
-
-
-def rebuild_report(run_dir: Path) -> dict:
-    """--report-only: figures and report.html again from results.json and metrics.csv (the
-    prediction figure needs the model and is kept as it is)."""
-    return publish(run_dir, report.read_results(run_dir, "mean_ap", "Part 2"), None)
-
-
-def publish(run_dir: Path, results: dict, log) -> dict:
-    results = report.add_training_summary(run_dir, results)
-    report.plot_bars(
-        NAMES,
-        list(results["ap"].values()),
-        run_dir / "figures/per_class_ap.png",
-        "average precision",
-        f"Per-class AP on test pixels (mean {results['mean_ap']:.4f})",
-        reference=list(REFERENCE_AP.values()),
+def train_and_select(args, rt, nets, loaders, splits, run, compute) -> dict | None:
+    """engine.fit, then the selected epoch on validation as it is and with flips (what decides
+    --tta); None where --stop-after-epochs ended this invocation early."""
+    model_without_ddp, (run_dir, log, meta, ckpt) = nets[1], run
+    loss_fn = make_loss(args.loss, splits["train"][1])
+    tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
+                        select=SELECT, ap_every=args.val_ap_every,
+                        flops=(compute["train"], compute["val"]))  # fmt: skip
+    if tested is None or not len(splits["val"][0]):
+        return tested
+    if "val_tflop" in tested:  # the two passes below: plain, and flipped (2 forwards)
+        tested["val_tflop"] += 3 * len(splits["val"][0]) * compute["val"] / 1e12
+    tested |= engine.validate_both_views(
+        model_without_ddp,
+        models.FlipAverage(model_without_ddp),
+        loaders[1],
+        loss_fn,
+        rt,
+        lambda: PixelScores(NUM_CLASSES, False),
+        "mean_ap",
     )
-    report.plot_pr_curves(
-        results.get("pr_curves", {}),
-        NAMES,
-        datasets.FACADE_PALETTE,
-        run_dir / "figures/pr_curves.png",
-        "Precision-recall per class (test pixels)",
-    )
-    return report.finish_run(run_dir, results, report_page(results), NAMES, log)
-
-
-def report_page(results: dict) -> report.Page:
-    reference_mean = sum(REFERENCE_AP.values()) / NUM_CLASSES
-    summary = [
-        ("model", results["model"], "resolution-keeping FCN"),
-        ("mean AP (raw scores)", f"{results['mean_ap']:.4f}", f"{reference_mean:.3f}"),
-        ("test-time flip", "yes" if results.get("tta") else "no", "no"),
-        ("mean AP (softmax)", f"{results['mean_ap_softmax']:.4f}", ""),
-        ("mIoU", f"{results['miou']:.4f}", ""),
-        ("pixel accuracy", f"{results['pixel_accuracy']:.4f}", ""),
-        ("GFLOP per image", f"{results['gflops_per_image']:.1f}", "38.8"),
-        *report.checkpoint_rows(results),
-    ]
-    ap, softmax, iou = results["ap"], results["ap_softmax"], results["iou"]
-    table = [
-        [n, f"{ap[n]:.4f}", f"{REFERENCE_AP[n]:.3f}", f"{softmax[n]:.4f}", f"{iou[n]:.4f}"]
-        for n in NAMES
-    ]
-    header = ["class", "AP", "reference AP", "AP (softmax)", "IoU"]
-    tables = [("Per-class results on test pixels", header, table)]
-    lines = [f"{n}: AP = {results['ap'][n]:.4f}" for n in NAMES]
-    lines.append(f"Mean AP = {results['mean_ap']:.4f}")
-    return report.Page("Part 2: facade semantic segmentation", summary, tables, FIGURES, lines)
+    log.info("validation mean AP of the selected epoch: %.4f, with flips %.4f",
+             tested["val_mean_ap"], tested["val_mean_ap_tta"])  # fmt: skip
+    return tested
 
 
 def cli_main(argv=None) -> None:

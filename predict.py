@@ -66,7 +66,7 @@ def main(args) -> int:
             f"--max-size {args.max_size} is below {model.size_multiple}, the "
             f"smallest side {ckpt['model_name']} accepts"
         )
-    rt = utils.setup_runtime(device=args.device)
+    rt = utils.settled_runtime(device=args.device, model=ckpt["model_name"])  # the policy's
     model = model.to(rt.device)
     failures = 0
     for image_path, name in zip(map(Path, args.images), output_names(args.images)):

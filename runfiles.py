@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import hardware
+import utils
 from utils import Runtime, UserError, broadcast_object
 
 
@@ -237,14 +238,28 @@ def environment_info(rt: Runtime) -> dict:
         "world_size": rt.world_size,
         "threads": torch.get_num_threads(),
         "amp": str(rt.amp_dtype) if rt.amp_dtype else None,
+        "cpu_isa": hardware.describe_cpu_isa(),
     }
-    if rt.choice is not None:  # what the hardware policy chose, and why
-        info["precision"], info["memory_format"] = rt.choice.precision, rt.choice.memory_format
-        info["cpu_isa"] = hardware.describe_cpu_isa()
     if rt.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(rt.device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def recorded_args(args, rt: Runtime) -> dict:
+    """What args.json and every checkpoint keep: the flags as given or filled in from the
+    recipe, and apart from them, under "effective", what the run uses and why."""
+    return {**vars(args), "effective": rt.settings.record()}
+
+
+def stop_invocation(args, rt: Runtime, run_dir: Path, log: logging.Logger) -> dict:
+    """End an invocation that --stop-after-epochs stopped before the schedule's end: the run is
+    unfinished (no results.json), its last.pt continues it."""
+    log.info("stopped after %d epochs (--stop-after-epochs): continue with --resume %s",
+             args.stop_after_epochs, run_dir / "checkpoints" / "last.pt")  # fmt: skip
+    close_logger(log)
+    utils.cleanup_runtime(rt)
+    return {}
 
 
 def start_run(args, rt: Runtime, output_root: str) -> tuple[Path, logging.Logger]:
@@ -263,19 +278,18 @@ def start_run(args, rt: Runtime, output_root: str) -> tuple[Path, logging.Logger
     log = get_logger(run_dir if rt.is_main else None, rt.is_main)
     if rt.is_main:
         environment = environment_info(rt)
-        log.info(
-            "device %s, %d process(es), global batch %d; %s; %s",
-            rt.device,
-            rt.world_size,
-            args.batch_size * rt.world_size,
-            environment.get("precision", f"amp {rt.amp_dtype}"),
-            environment.get("memory_format", f"channels-last {rt.channels_last}"),
-        )
-        for line in rt.choice.warnings if rt.choice else ():
+        why = rt.settings.reasons
+        log.info("device %s, %d process(es), global batch %d; %s; %s; %s; %s", rt.device,
+                 rt.world_size, args.batch_size * rt.world_size, why["precision"],
+                 why["memory_format"], why["micro_batch"], rt.settings.allocator)  # fmt: skip
+        for line in rt.settings.warnings:
             log.warning(line)
         if args.resume:  # the same run, with the checkpoint's arguments: args.json stays as it was
-            log.info("resumed from %s on %s", args.resume, json.dumps(environment))
+            log.info("resumed from %s on %s; %s", args.resume, json.dumps(environment),
+                     json.dumps(rt.settings.record()))  # fmt: skip
         else:
-            write_json(run_dir / "args.json", {**vars(args), "environment": environment})
+            write_json(
+                run_dir / "args.json", recorded_args(args, rt) | {"environment": environment}
+            )
         log.info("run folder: %s", run_dir)
     return run_dir, log

@@ -18,14 +18,11 @@ import utils
 def runtime(
     device: str, amp_dtype: str | None, channels_last: bool, micro_batch: int = 0
 ) -> utils.Runtime:
-    return utils.setup_runtime(
-        device=device,
-        amp=amp_dtype is not None,
-        amp_dtype=amp_dtype or "bf16",
-        channels_last=channels_last,
-        micro_batch=micro_batch,
-        progress=False,
-    )
+    """A variant's settings, given as flags to the policy every script goes through (the
+    benchmark passes micro-batches only for models whose batches split exactly)."""
+    amp = {"amp": amp_dtype is not None, "amp_dtype": amp_dtype}
+    return utils.settled_runtime(device=device, **amp, channels_last=channels_last,
+                                 micro_batch=micro_batch, progress=False)  # fmt: skip
 
 
 def sync(device: torch.device) -> None:

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import allocator
 import hardware
-
-
-class UserError(Exception):
-    """Bad input (missing folder, corrupt file, wrong flag): shown as one line, exit code 2."""
+import settings
+from errors import UserError  # noqa: F401  (re-exported: utils.UserError)
 
 
 def launched_by_torchrun() -> bool:
@@ -38,7 +37,8 @@ def run_cli(main: Callable, parser, argv=None) -> None:
     its traceback and code 1; torchrun then stops the others), a finished one after
     cleanup_runtime's barrier. A normal interpreter exit could hang in, or abort from, gloo's
     teardown ("terminate called without an active exception", seen in a CI run after every
-    output had been written)."""
+    output had been written). The C library's allocator is set up first (allocator.py)."""
+    allocator.keep_freed_memory()
     args = parser.parse_args(argv)
     code = 0
     try:
@@ -66,19 +66,34 @@ def run_cli(main: Callable, parser, argv=None) -> None:
 
 
 # ----------------------------------------------------------------------------- runtime
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
+    settings: settings.Effective = settings.PLAIN  # what the run uses and why ("effective")
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    amp_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
-    channels_last: bool = False  # the model and training inputs
-    eval_channels_last: bool = False  # evaluation (hardware.CPU_AVX2_STANDARD_LAYOUT)
-    micro_batch: int | None = None  # compute training batches in chunks (engine.train_one_epoch)
     progress: bool = True
-    choice: hardware.Choice | None = None  # the policy's reasons, for args.json and the log
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.settings.amp_dtype]
+
+    @property
+    def channels_last(self) -> bool:  # the model and training inputs
+        return self.settings.channels_last
+
+    @property
+    def eval_channels_last(self) -> bool:  # evaluation (hardware.CPU_AVX2_STANDARD_LAYOUT)
+        return self.settings.eval_channels_last
+
+    @property
+    def micro_batch(self) -> int | None:  # training batches in chunks (engine.forward_backward)
+        return self.settings.micro_batch or None
 
     @property
     def is_main(self) -> bool:
@@ -89,12 +104,11 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        # One code path: a disabled autocast is a no-op, so fp32 and AMP share every line.
-        return torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.bfloat16,
-            enabled=self.amp_dtype is not None,
-        )
+        """Autocast in the run's precision; none at all for fp32 (one code path for both, and
+        no autocast object where a torch lacks one for the device, as MPS before 2.5)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def to_input(self, x: torch.Tensor, *, train: bool = True) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -123,36 +137,18 @@ def convert_layout(model: torch.nn.Module, channels_last: bool) -> None:
 
 
 def setup_runtime(
+    effective: settings.Effective,
     *,
-    device: str = "auto",
-    model: str | None = None,
-    amp: bool | None = False,
-    amp_dtype: str = "bf16",
-    channels_last: bool | None = False,
-    micro_batch: int | None = 0,
     threads: int | None = None,
     progress: bool = True,
     hw: hardware.Hardware | None = None,
 ) -> Runtime:
-    """Pick the device, start DDP when launched by torchrun, and apply the hardware policy for
-    ``model``: ``amp`` / ``channels_last`` / ``micro_batch`` None let it choose
-    (``hardware.choose``; ``micro_batch`` 0: whole batches)."""
+    """Apply the settled ``effective`` settings: threads, DDP when launched by torchrun (where
+    every rank follows rank 0's settings: ``settings.follow``), the gradient scaler and the
+    CUDA math flags."""
     if threads:
         torch.set_num_threads(threads)
-    hw = hw or hardware.read_hardware()
-    for name, present in (("cuda", hw.cuda), ("mps", hw.mps)):
-        if device == name and not present:
-            raise UserError(
-                f"--device {name} was given but {name.upper()} is not available on this "
-                "machine (use --device cpu or auto)"
-            )
-    kind = hardware.pick_device(device, hw)
-    if amp is not False and amp_dtype == "fp16" and kind != "cuda":
-        raise UserError("--amp-dtype fp16 needs CUDA; use the default bf16 on the CPU")
-    choice = hardware.choose(
-        kind, hw, model=model, amp=amp, amp_dtype=amp_dtype, channels_last=channels_last,
-        micro_batch=micro_batch,
-    )  # fmt: skip
+    kind = effective.device
     rank, local_rank, world_size = 0, 0, 1
     if launched_by_torchrun():
         if kind == "mps":
@@ -162,26 +158,27 @@ def setup_runtime(
         if kind == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        leader = Runtime(torch.device("cpu"), effective, rank, local_rank, world_size)
+        decided = broadcast_object(effective.record(), leader)
+        if rank != 0:
+            effective = settings.follow(effective, decided, rank, hw or hardware.read_hardware())
     torch_device = torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
     # The scaler only does something for fp16; for bf16/fp32 it is a pass-through.
-    scaler = torch.amp.GradScaler(torch_device.type, enabled=choice.amp_dtype is torch.float16)
+    scaler = torch.amp.GradScaler(torch_device.type, enabled=effective.scaler)
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(
-        device=torch_device,
-        rank=rank,
-        local_rank=local_rank,
-        world_size=world_size,
-        amp_dtype=choice.amp_dtype,
-        scaler=scaler,
-        channels_last=choice.channels_last,
-        eval_channels_last=choice.eval_channels_last,
-        micro_batch=choice.micro_batch or None,
-        progress=progress,
-        choice=choice,
-    )
+    return Runtime(torch_device, effective, rank, local_rank, world_size, scaler, progress)
+
+
+def settled_runtime(hw: hardware.Hardware | None = None, *, threads=None, progress=True,
+                    **flags) -> Runtime:  # fmt: skip
+    """``settings.settle`` then ``setup_runtime``: for entry points whose flags need no
+    checkpoint rules (predict, the benchmark, tests)."""
+    hw = hw or hardware.read_hardware()
+    effective = settings.settle(hw, allocator=allocator.keep_freed_memory(), **flags)
+    return setup_runtime(effective, threads=threads, progress=progress, hw=hw)
 
 
 def cleanup_runtime(rt: Runtime) -> None:

@@ -42,7 +42,7 @@ def survey(name: str, amps: list) -> None:
     norm = {"mean": [0.5] * shape[0], "std": [0.25] * shape[0]}
     for amp in amps:
         for cl in (False, True):
-            rt = utils.setup_runtime(device="cpu", amp=amp, channels_last=cl, progress=False)
+            rt = utils.settled_runtime(device="cpu", amp=amp, channels_last=cl, progress=False)
             torch.manual_seed(0)
             net, _ = utils.prepare_model(
                 models.build_model(name, num_classes=classes, **kwargs), rt

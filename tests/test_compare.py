@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cli
 import compare
+import settings
 
 CLASSES_P1 = ["T-shirt/top", "Trouser", "Pullover"]
 CLASSES_P2 = ["others", "facade", "window"]
@@ -317,22 +317,34 @@ def test_bookkeeping_args_do_not_split_a_group_but_numerics_do(tmp_path):
     groups = compare.group_runs(compare.load_runs([base, same, amp, ddp]))
     assert [len(g.runs) for g in groups] == [2, 1, 1]
     assert [g.label for g in groups] == [
-        "amp=False world_size=1",
-        "amp=True world_size=1",
-        "amp=False world_size=2",
+        "precision=fp32 world_size=1",
+        "precision=bf16 world_size=1",
+        "precision=fp32 world_size=2",
     ]
 
 
-def test_every_resume_free_flag_but_length_stops_and_tta_is_ignored(tmp_path):
+def test_every_flag_the_table_ignores_is_ignored_and_measured_ones_count(tmp_path):
     base = make_run(tmp_path / "a", seed=0, micro_batch=0)
-    measured = {"epochs", "time_limit", "stop_after_epochs", "tta", "eval_only"}
-    free = {k: f"other-{k}" for k in cli.RESUME_FREE - measured}
-    assert {"channels_last", "micro_batch", "device", "compile"} <= free.keys()
+    ignored = {k for k, r in settings.FLAGS.items() if r.compare == settings.IGNORED}
+    # precision: the next test; eval-only folders group apart (test_eval_only_folders_...)
+    free = {k: f"other-{k}" for k in ignored - {"amp", "amp_dtype", "eval_only"}}
+    assert {"channels_last", "micro_batch", "device", "compile", "stop_after_epochs"} <= free.keys()
     other = make_run(tmp_path / "b", seed=1, **free)
     tta = make_run(tmp_path / "c", seed=2, tta=True)
     groups = compare.group_runs(compare.load_runs([base, other, tta]))
     assert [[run.path for run in g.runs] for g in groups] == [[base, other], [tta]]
     assert [g.label for g in groups] == ["tta=-", "tta=True"]
+
+
+def test_runs_group_by_the_precision_they_ran_in_not_the_flags_they_gave(tmp_path):
+    ran_bf16 = {"amp_dtype": "bf16", "reasons": {}}
+    policy = make_run(tmp_path / "policy", seed=0, amp=None, effective=ran_bf16)
+    forced = make_run(tmp_path / "forced", seed=1, amp=True, effective=ran_bf16)
+    older = make_run(tmp_path / "older", seed=2, amp=True, amp_dtype="bf16")  # no "effective"
+    fp32 = make_run(tmp_path / "fp32", seed=3, amp=None, effective={"amp_dtype": None})
+    groups = compare.group_runs(compare.load_runs([policy, forced, older, fp32]))
+    assert [[run.path for run in g.runs] for g in groups] == [[policy, forced, older], [fp32]]
+    assert [g.label for g in groups] == ["precision=bf16", "precision=fp32"]
 
 
 def test_runs_that_trained_different_epochs_are_separate_groups(tmp_path):
@@ -350,16 +362,23 @@ def test_runs_that_trained_different_epochs_are_separate_groups(tmp_path):
     assert [g["metrics"]["epochs"]["mean"] for g in groups] == [4, 6]
 
 
-def test_different_stop_conditions_are_separate_groups(tmp_path):
-    plain = make_run(tmp_path / "plain", seed=0)
-    limited = make_run(tmp_path / "limited", seed=1, time_limit=60.0)
-    boxed = make_run(tmp_path / "boxed", seed=2, stop_after_epochs=3)
-    groups = compare.group_runs(compare.load_runs([plain, limited, boxed]))
-    assert [[run.path for run in g.runs] for g in groups] == [[plain], [limited], [boxed]]
-    assert [(g.differs["time_limit"], g.differs["stop_after_epochs"]) for g in groups] == [
-        (None, None),
-        (60.0, None),
-        (None, 3),
+def test_a_time_boxed_or_extended_seed_joins_its_recipes_group(tmp_path):
+    """Grouped by what was trained: a seed time-boxed with --stop-after-epochs and resumed to
+    the end, or one whose time limit was not reached, is a seed of the plain recipe; a constant
+    schedule extended on --resume joins the runs that trained as many epochs straight."""
+    cosine = {"epochs": 6, "schedule": "cosine"}
+    plain = make_run(tmp_path / "plain", seed=0, **cosine)
+    boxed = make_run(tmp_path / "boxed", seed=1, stop_after_epochs=2, **cosine)
+    limited = make_run(tmp_path / "limited", seed=2, time_limit=60.0, **cosine)
+    stopped = make_run(tmp_path / "stopped", seed=3, trained=4, time_limit=1.0, **cosine)
+    straight = make_run(tmp_path / "c5", seed=0, epochs=5, schedule="constant")
+    extended = make_run(tmp_path / "c3to5", seed=1, epochs=3, trained=5, schedule="constant")
+    runs = [plain, boxed, limited, stopped, straight, extended]
+    groups = compare.group_runs(compare.load_runs(runs))
+    assert [[run.path for run in g.runs] for g in groups] == [
+        [plain, boxed, limited],
+        [stopped],
+        [straight, extended],
     ]
 
 

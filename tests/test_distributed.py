@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import torch
 import part1_classify
 import part2_segment
 import runfiles
-from conftest import HANG_GUARD_S, REPO
+from conftest import HANG_GUARD_S, REPO, make_fashion_set
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # the synthetic facade set's train / val / test images
@@ -129,29 +131,12 @@ def test_bf16_amp_on_cpu(fashion_root, synthetic_facade, tmp_path):
     r1 = part1("--data-root", str(fashion_root), *flags, "--output-dir", str(tmp_path / "p1"))
     assert 0.05 < r1["test_accuracy"] <= 1
     ckpt = torch.load(tmp_path / "p1" / "checkpoints" / "last.pt", weights_only=False)
-    assert "scaler" in ckpt and ckpt["args"]["amp"] and ckpt["args"]["amp_dtype"] == "bf16"
+    assert "scaler" in ckpt and ckpt["args"]["effective"]["amp_dtype"] == "bf16"
     rows = runfiles.read_csv(tmp_path / "p1" / "metrics.csv")
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
     flags = [*P2_RANGES, *"--epochs 1 --batch-size 4 --amp".split()]
     r2 = part2("--data", str(synthetic_facade), *flags, "--output-dir", str(tmp_path / "p2"))
     assert 0 < r2["mean_ap"] <= 1
-
-
-def test_fp16_needs_cuda(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the check is for CPU-only machines")
-    flags = "--amp --amp-dtype fp16 --device cpu".split()
-    proc = subprocess.run(
-        [sys.executable, "part1_classify.py", *flags, "--output-dir", str(tmp_path / "x")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
-    assert (
-        proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "fp16" in proc.stderr
-    )
-    assert "Traceback" not in proc.stderr
 
 
 def torchrun_proc(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -222,7 +207,7 @@ def test_any_exception_on_one_rank_ends_that_rank_through_os_exit(tmp_path):
         "import torch.distributed as dist\n"
         "import utils\n\n"
         "def main(args):\n"
-        "    rt = utils.setup_runtime(device='cpu')\n"
+        "    rt = utils.settled_runtime(device='cpu')\n"
         "    atexit.register(print, 'interpreter teardown on rank', rt.rank, file=sys.stderr)\n"
         "    if rt.rank == 1:\n"
         "        raise RuntimeError('boom on rank 1')\n"
@@ -235,3 +220,60 @@ def test_any_exception_on_one_rank_ends_that_rank_through_os_exit(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("RuntimeError: boom on rank 1") == 1, proc.stderr[-3000:]
     assert "interpreter teardown on rank 1" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- one policy
+FAKE_HARDWARE = """import json, os, sys
+sys.path.insert(0, {repo!r})
+import hardware, utils, part1_classify
+facts = json.loads(os.environ["FAKE_HARDWARE"])[int(os.environ["RANK"])]
+hardware.read_hardware = lambda: hardware.Hardware(**facts)
+setup_runtime = utils.setup_runtime
+
+def recording(*args, **kwargs):
+    rt = setup_runtime(*args, **kwargs)
+    with open(os.environ["RECORD"] + str(rt.rank), "w") as f:
+        json.dump(rt.settings.record(), f)
+    return rt
+
+utils.setup_runtime = recording
+utils.run_cli(part1_classify.main, part1_classify.get_args_parser())
+"""
+NATIVE_BF16 = {"cpu_bf16_units": True, "onednn_avx512": True}
+NO_BF16 = {"cpu_bf16_units": False, "onednn_avx512": False}
+
+
+def run_with_hardware(tmp_path, per_rank: list[dict]) -> subprocess.CompletedProcess:
+    """Part 1 under torchrun, each rank seeing the hardware facts given for it."""
+    script = tmp_path / "fake_hardware.py"
+    script.write_text(FAKE_HARDWARE.format(repo=str(REPO)))
+    data = make_fashion_set(tmp_path / "fm", n_train=60, n_test=20)
+    env = {**os.environ, "FAKE_HARDWARE": json.dumps(per_rank), "RECORD": str(tmp_path / "rank")}
+    argv = ["--data-root", str(data), "--no-download", "--batch-size", "16", "--epochs", "1",
+            "--output-dir", str(tmp_path / "run"), "--threads", "1", "--no-progress"]  # fmt: skip
+    return subprocess.run([*TORCHRUN, str(script), *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=HANG_GUARD_S, env=env)  # fmt: skip
+
+
+def test_rank_0_decides_the_settings_and_every_rank_follows(tmp_path):
+    """Rank 1 alone would pick bf16 (native there) and rank 0 fp32: both run fp32, as
+    args.json (rank 0's) says."""
+    proc = run_with_hardware(tmp_path, [NO_BF16, NATIVE_BF16])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    assert [r["amp_dtype"] for r in ranks] == [None, None]
+    assert ranks[1]["reasons"] == ranks[0]["reasons"]
+    assert runfiles.read_json(tmp_path / "run" / "args.json")["effective"]["amp_dtype"] is None
+
+
+def test_a_rank_whose_hardware_cannot_follow_stops_with_one_line(tmp_path):
+    """Rank 0 picks bf16 by policy (native there); rank 1 would emulate it, many times slower,
+    holding every rank back: it stops with one line and torchrun ends the job."""
+    proc = run_with_hardware(tmp_path, [NATIVE_BF16, NO_BF16])
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: rank 1 cannot follow rank 0's bf16 autocast: this CPU has no native bf16 "
+        "(no AVX512-BF16 or AMX) (run every process with --no-amp, or on machines of one kind)"
+    ], proc.stderr[-3000:]
+    assert not (tmp_path / "rank1").exists()

@@ -16,6 +16,7 @@ from sklearn.metrics import average_precision_score
 
 import datasets
 import models
+import part2_report
 import part2_segment
 import runfiles
 
@@ -73,13 +74,13 @@ def test_outputs(part2_run):
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert res["checkpoint_epoch"] == int(best["epoch"])
     assert 0 < res["val_mean_ap"] <= 1 and 0 < res["val_mean_ap_tta"] <= 1
-    for rel in (f.path for f in part2_segment.FIGURES):
+    for rel in (f.path for f in part2_report.FIGURES):
         with Image.open(run_dir / rel) as im:
             assert im.format == "PNG"
             im.load()
     html = (run_dir / "report.html").read_text()
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
-    assert len(imgs) == len(part2_segment.FIGURES)
+    assert len(imgs) == len(part2_report.FIGURES)
     assert all(base64.b64decode(b)[:4] == b"\x89PNG" for b in imgs)
     for name in datasets.FACADE_CLASSES:
         assert f"<td>{name}</td><td>{res['ap'][name]:.4f}</td>" in html

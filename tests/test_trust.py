@@ -355,18 +355,24 @@ def test_the_policy_decides_precision_and_layout_and_args_json_records_why(
         (avx512_bf16, [], True, "bf16 autocast: this CPU computes bf16 natively"),
         (avx512_bf16, ["--no-amp"], False, "fp32 (--no-amp)"),
         (avx2, [], False, "fp32: this CPU has no native bf16"),
-        (avx2, ["--amp"], True, "bf16 autocast (--amp)"),
+        (avx2, ["--amp"], True, "bf16 autocast (asked for)"),
     ):
         monkeypatch.setattr(hardware, "read_hardware", lambda hw=hw: hw)
         run = tmp_path / f"run_{hw.cpu_bf16_units}_{len(flags)}"
         part1(*p1_common(fm_root), "--epochs", 1, "--max-steps", 1, *flags, "--output-dir", run)
         recorded = runfiles.read_json(run / "args.json")
-        assert recorded["amp"] is expect_amp and recorded["channels_last"] is True
-        assert recorded["environment"]["precision"].startswith(why)
-        assert recorded["environment"]["memory_format"].startswith("channels-last")
+        effective = recorded["effective"]  # apart from the flags as given
+        assert recorded["amp"] == {(): None, ("--no-amp",): False, ("--amp",): True}[tuple(flags)]
+        assert (effective["amp_dtype"] == "bf16") is expect_amp and effective["channels_last"]
+        assert recorded["channels_last"] is None  # not given: the policy chose
+        assert effective["reasons"]["precision"].startswith(why)
+        assert effective["reasons"]["memory_format"].startswith("channels-last")
         first_line = (run / "log.txt").read_text().splitlines()[0]
         assert why in first_line and "channels-last" in first_line
-        emulated = "warning: --amp asks for bf16" in (run / "log.txt").read_text()
+        assert (
+            effective["allocator"].startswith("allocator:") and effective["allocator"] in first_line
+        )
+        emulated = "warning: bf16 autocast was asked for" in (run / "log.txt").read_text()
         assert emulated is (hw is avx2 and expect_amp)
     # --eval-only tests in the checkpoint's precision unless told: an fp32 run stays fp32 on
     # bf16 hardware
@@ -374,7 +380,7 @@ def test_the_policy_decides_precision_and_layout_and_args_json_records_why(
     fp32_run = tmp_path / "run_False_0"
     part1("--eval-only", fp32_run / "checkpoints" / "best.pt", *p1_common(fm_root))
     (evaluation,) = fp32_run.glob("eval-*")
-    assert runfiles.read_json(evaluation / "args.json")["amp"] is False
+    assert runfiles.read_json(evaluation / "args.json")["effective"]["amp_dtype"] is None
 
 
 def test_eval_only_records_the_checkpoints_run_and_refuses_contradictions(fm_root, tmp_path):
