@@ -38,7 +38,7 @@ class ConfusionMatrix:
         if self.matrix is None:  # a rank whose shard was empty still joins the all-reduce
             n = self.num_classes
             self.matrix = torch.zeros(n, n, dtype=torch.long, device=rt.device)
-        all_reduce_sum(self.matrix, rt)
+        self.matrix = all_reduce_sum(self.matrix, rt)
         if self.keep_predictions:
             local = (
                 torch.cat(self.predictions)

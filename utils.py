@@ -229,25 +229,33 @@ def prepare_model(
 
 
 # ----------------------------------------------------------------------------- collectives
+# Evaluation runs under inference_mode, and torch 2.3's all_gather refuses the tensors made there
+# ("Inplace update to inference tensor outside InferenceMode"): so the collectives below work on
+# tensors made with inference mode off (a copy of a few numbers, or of what is gathered anyway).
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    if rt.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """The sum of ``t`` over ranks, as a new tensor when distributed: use the result."""
+    if not rt.distributed:
+        return t
+    with torch.inference_mode(False):
+        total = t.clone()  # not in place: ``t`` may be an inference tensor
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
 
 
 def all_gather_cat(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """Concatenate along dim 0 the tensors of all ranks (shards may differ in length)."""
     if not rt.distributed:
         return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(rt.world_size)]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    chunks = [torch.empty_like(padded) for _ in range(rt.world_size)]
-    dist.all_gather(chunks, padded)
-    return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes)])
+    with torch.inference_mode(False):  # normal tensors in and out (see above)
+        n = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(rt.world_size)]
+        dist.all_gather(sizes, n)
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        chunks = [torch.empty_like(padded) for _ in range(rt.world_size)]
+        dist.all_gather(chunks, padded)
+        return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes)])
 
 
 def dataset_order(n: int, world_size: int) -> torch.Tensor:

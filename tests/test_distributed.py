@@ -277,3 +277,33 @@ def test_a_rank_whose_hardware_cannot_follow_stops_with_one_line(tmp_path):
         "(no AVX512-BF16 or AMX) (run every process with --no-amp, or on machines of one kind)"
     ], proc.stderr[-3000:]
     assert not (tmp_path / "rank1").exists()
+
+
+def test_collectives_under_inference_mode(tmp_path):
+    """Evaluation runs under inference_mode; torch 2.3 refused collectives on the tensors made
+    there ("Inplace update to inference tensor outside InferenceMode")."""
+    script = tmp_path / "collectives.py"
+    script.write_text(
+        "import argparse, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import torch\n"
+        "import utils\n\n"
+        "def main(args):\n"
+        "    rt = utils.settled_runtime(device='cpu')\n"
+        "    r = rt.rank\n"
+        "    with torch.inference_mode():\n"
+        "        total = utils.all_reduce_sum(torch.full((2,), r + 1.0), rt)\n"
+        "        gathered = utils.all_gather_cat(torch.arange(r + 1.0), rt)\n"
+        "        ordered = utils.gather_in_dataset_order(torch.tensor([r, r + 2]), rt)\n"
+        "        word = utils.broadcast_object(f'rank {r}', rt)\n"
+        "    assert total.tolist() == [3.0, 3.0], total\n"
+        "    assert gathered.tolist() == [0.0, 0.0, 1.0], gathered\n"
+        "    assert ordered.tolist() == [0, 1, 2, 3], ordered\n"
+        "    assert word == 'rank 0', word\n"
+        "    utils.cleanup_runtime(rt)\n\n"
+        "utils.run_cli(main, argparse.ArgumentParser())\n"
+    )
+    proc = subprocess.run(
+        [*TORCHRUN, str(script)], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
