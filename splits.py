@@ -2,7 +2,7 @@
 split that keeps every crop of one photograph, and every near-duplicate, on one side.
 
 train/ holds three 256x256 crops of each photograph, at indices i, i+302 and i+604 (the
-nearest neighbour of an image is one of its two partners 45% of the time; see docs/splits.md),
+nearest neighbour of an image is one of its two partners 44% of the time; see docs/splits.md),
 so the course's validation images 800-899 (i+604 for i = 196..295) each share a photograph
 with two training images. The test images are other photographs. Only train/ images are read
 here: never labels, never test_dev/.
