@@ -223,17 +223,25 @@ def check_range(name: str, start: int, end: int) -> None:
 def load_facade_split(
     folder: Path, start: int, end: int, num_classes: int = 5, workers: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 (N,3,H,W) and labels uint8 (N,H,W) for eecs442_{start..end} (inclusive).
+    """Images uint8 (N,3,H,W) and labels uint8 (N,H,W) for eecs442_{start..end} (inclusive)."""
+    return load_facade_images(folder, range(start, end + 1), num_classes, workers)
+
+
+def load_facade_images(
+    folder: Path, indices, num_classes: int = 5, workers: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 (N,3,H,W) and labels uint8 (N,H,W) for eecs442_{i} of each index, in order.
     All files are checked to exist before any is decoded; decoding runs in threads (PIL releases
     the GIL)."""
-    folder = Path(folder)
+    folder, indices = Path(folder), list(indices)
     if not folder.is_dir():
         raise UserError(f"folder not found: {folder}")
-    pairs = [facade_pair(folder, i) for i in range(start, end + 1)]
+    where = f"{indices[0]}-{indices[-1]}" if indices else "none"
+    pairs = [facade_pair(folder, i) for i in indices]
     for jpg, png in pairs:
         for p in (jpg, png):
             if not p.is_file():
-                raise UserError(f"missing file {p} (range {start}-{end} of {folder})")
+                raise UserError(f"missing file {p} (images {where} of {folder})")
 
     def decode(pair):
         jpg, png = pair
@@ -250,7 +258,7 @@ def load_facade_split(
     sizes = {img.shape[:2] for img, _ in decoded}
     if len(sizes) > 1:
         raise UserError(
-            f"images in {folder} range {start}-{end} differ in size {sorted(sizes)}; "
+            f"images in {folder} ({where}) differ in size {sorted(sizes)}; "
             "one size per split is needed"
         )
     images = (

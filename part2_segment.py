@@ -32,6 +32,7 @@ import models
 import part2_report
 import predict
 import runfiles
+import splits
 import utils
 from metrics import PixelScores
 
@@ -44,6 +45,7 @@ DEFAULTS = {
     "train_range": [0, 799],
     "val_range": [800, 899],
     "test_range": [0, 109],
+    "split": "ranges",
     "crop": 256,
     "crop_scale": [0.6, 1.25],
     "val_ap_every": 5,
@@ -98,6 +100,14 @@ def get_args_parser() -> argparse.ArgumentParser:
             metavar=("FIRST", "LAST"),
             help=f"{split} images {where}eecs442_FIRST..LAST, inclusive (default: {first} {last})",
         )
+    d.add_argument(
+        "--split",
+        choices=["ranges", "grouped"],
+        help="training and validation images: ranges = --train-range / --val-range (the "
+        "course's 0-799 / 800-899, whose validation holds crops of training photographs); "
+        "grouped = 801 / 99 images with no near-duplicate or crop of one photograph on both "
+        "sides (docs/splits.md; the ranges are then not used) (default: ranges)",
+    )
     d.add_argument(
         "--augment",
         choices=["none", "scale_crop_flip_jitter"],
@@ -182,14 +192,11 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
     if not root.is_dir():
         raise utils.UserError(f"dataset folder not found: {root}")
     names = ("test",) if args.eval_only else ("train", "val", "test")
-    for name in names:
-        datasets.check_range(name, *getattr(args, f"{name}_range"))
+    indices = split_indices(args, names)
     folders = {"train": root / "train", "val": root / "train", "test": root / "test_dev"}
     splits = {}
     for name in names:
-        images, labels = datasets.load_facade_split(
-            folders[name], *getattr(args, f"{name}_range"), NUM_CLASSES
-        )
+        images, labels = datasets.load_facade_images(folders[name], indices[name], NUM_CLASSES)
         h, w = images.shape[-2:]
         if h % multiple or w % multiple:
             raise utils.UserError(f"{name} images are {w}x{h}; this model needs sides divisible "
@@ -200,6 +207,19 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
         empty = tuple(t[:0] for t in splits["test"])
         splits |= {"train": empty, "val": empty}
     return splits
+
+
+def split_indices(args, names) -> dict[str, list[int]]:
+    """The image indices of each split: --train-range / --val-range / --test-range, or with
+    --split grouped the committed split of train/ without near-duplicates across it (splits.py)
+    for training and validation."""
+    for name in names:
+        datasets.check_range(name, *getattr(args, f"{name}_range"))
+    indices = {n: list(range(first, last + 1)) for n in names
+               for first, last in [getattr(args, f"{n}_range")]}  # fmt: skip
+    if args.split == "grouped" and "train" in names:
+        indices["train"], indices["val"] = splits.facade_split("grouped")
+    return indices
 
 
 def make_loss(name: str, train_labels: torch.Tensor) -> losses.CrossEntropy:
@@ -216,6 +236,8 @@ def make_loss(name: str, train_labels: torch.Tensor) -> losses.CrossEntropy:
 def build_loaders(args, rt: utils.Runtime, splits: dict, ckpt: dict | None):
     """(train, val, test) loaders and the normalisation: the training split's mean and std, or
     the checkpoint's."""
+    if args.eval_batch_size is None:  # batch 1 evaluates ~40% faster than 10 on a 2-core CPU
+        args.eval_batch_size = 10 if rt.device.type == "cuda" else 1
     if ckpt:
         normalization = ckpt["normalization"]
     else:
@@ -236,13 +258,14 @@ def main(args) -> dict:
     what results.json holds (rank 0) or the raw test metrics (other ranks)."""
     if args.report_only:
         return part2_report.rebuild_report(Path(args.report_only))
+    if args.split == "grouped" and (args.train_range or args.val_range):
+        raise utils.UserError("--split grouped chooses the training and validation images: "
+                              "give no --train-range or --val-range with it")  # fmt: skip
     ckpt = cli.resolve(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
     net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
     splits_exactly = args.loss == "ce" and not models.has_batch_norm(args.model, **net_kwargs)
     rt = cli.runtime(args, ckpt, batch_splits=splits_exactly)
     net = models.build_model(args.model, **net_kwargs)
-    if args.eval_batch_size is None:  # batch 1 evaluates ~40% faster than 10 on a 2-core CPU
-        args.eval_batch_size = 10 if rt.device.type == "cuda" else 1
     if args.crop % net.size_multiple:
         raise utils.UserError(f"--crop {args.crop} is not a multiple of {net.size_multiple}")
     splits = load_data(args, rt, net.size_multiple)  # bad data stops before the run folder
@@ -276,14 +299,9 @@ def main(args) -> dict:
     results = engine.evaluate(tested_model, test_loader, losses.CrossEntropy(), rt,
                               PixelScores(NUM_CLASSES), desc="test")  # fmt: skip
     if rt.is_main:  # rank 0 alone draws the prediction figure, with the unwrapped model
-        predict.plot_predictions(
-            tested_model,
-            rt,
-            splits["test"],
-            normalization,
-            args.num_examples,
-            run_dir / "figures/predictions.png",
-        )
+        figure = run_dir / "figures/predictions.png"
+        predict.plot_predictions(tested_model, rt, splits["test"], normalization,
+                                 args.num_examples, figure)  # fmt: skip
         log.info("compute (convolutions and matrix products, backward = 2x forward): training "
                  "%.4g + validation %.4g TFLOP; test %.4g TFLOP", tested.get("train_tflop", 0),
                  tested.get("val_tflop", 0), tested["test_tflop"])  # fmt: skip

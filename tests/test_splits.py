@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import datasets
+import runfiles
 import splits
+from conftest import assert_one_line_error, run_script
 from utils import UserError
 
 
@@ -134,3 +136,23 @@ def test_images_show_the_crops_period(real_groups):
     top_two = values[counts.argsort(descending=True)[:2]].tolist()
     assert top_two == [splits.CROPS_PERIOD, 2 * splits.CROPS_PERIOD]
     assert int((offsets % splits.CROPS_PERIOD == 0).sum()) > 0.4 * len(offsets)
+
+
+# ----------------------------------------------------------------------------- the flag
+def test_part2_trains_and_validates_on_the_grouped_split(facade_root, tmp_path):
+    run = tmp_path / "grouped"
+    proc = run_script("part2_segment.py", "--data", str(facade_root), "--split", "grouped",
+                      "--model", "unet", "--width", "4", "--epochs", "1", "--max-steps", "1",
+                      "--test-range", "0", "1", "--val-ap-every", "0", "--no-progress",
+                      "--output-dir", str(run))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, val = splits.facade_split("grouped")
+    assert runfiles.read_json(run / "args.json")["split"] == "grouped"
+    assert f"{len(train)} train / {len(val)} val / 2 test images" in (run / "log.txt").read_text()
+
+
+def test_the_grouped_split_refuses_ranges_in_one_line(tmp_path):
+    proc = run_script("part2_segment.py", "--data", str(tmp_path), "--split", "grouped",
+                      "--val-range", "800", "899", "--output-dir", str(tmp_path / "x"))  # fmt: skip
+    assert_one_line_error(proc, mentions="--split grouped")
+    assert not (tmp_path / "x").exists()
