@@ -182,11 +182,12 @@ def settled_runtime(hw: hardware.Hardware | None = None, *, threads=None, progre
 
 
 def cleanup_runtime(rt: Runtime) -> None:
-    """End a successful run: every rank waits until rank 0 has written its outputs, then all
-    tear the process group down together (a rank leaving early made gloo abort at exit)."""
+    """End a successful run: every rank waits until rank 0 has written its outputs. The process
+    group is left to the process's end (run_cli ends torchrun ranks with os._exit): destroying it
+    here deadlocked torch 2.3 and 2.4, whose DDP Reducer, freed afterwards under the GIL, dropped
+    the group's last reference while gloo's worker thread waited for the GIL."""
     if rt.distributed and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,11 @@ if str(REPO) not in sys.path:
 
 torch.set_num_threads(2)
 
-import datasets  # noqa: E402  (needs the repo on sys.path)
+import allocator  # noqa: E402  (needs the repo on sys.path)
+import datasets  # noqa: E402
+
+# As the scripts do at start-up: the in-process tests allocate like training loops too.
+allocator.keep_freed_memory()
 
 
 # ----------------------------------------------------------------------------- real data

@@ -4,7 +4,6 @@ either runs right or stops with one line."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import part1_classify
 import part2_segment
 import runfiles
 from conftest import assert_one_line_error, make_fashion_set, run_script
+from errors import UserError
 
 SYN_P2 = ["--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "0", "3"]
 # Functions that work on the host alone, where exact metrics stay in float64: each gets its
@@ -79,8 +79,17 @@ def test_both_parts_run_end_to_end_under_the_rules_of_mps(
 
 
 # ----------------------------------------------------------------------------- fp16
-def part1(*argv) -> subprocess.CompletedProcess:
-    return run_script("part1_classify.py", *map(str, argv), "--no-progress")
+def run(script, *argv):
+    """The script's main in this process, as its command line would run it."""
+    return script.main(script.get_args_parser().parse_args([*map(str, argv), "--no-progress"]))
+
+
+def part1(*argv):
+    return run(part1_classify, *argv)
+
+
+def part2(*argv):
+    return run(part2_segment, *argv)
 
 
 def effective(folder: Path) -> dict:
@@ -99,38 +108,37 @@ def test_fp16_trains_stops_resumes_and_is_tested_in_fp16(fm16):
     """fp16 asked for alone (--amp-dtype fp16): a gradient scaler, a time-boxed first half, a
     resume that keeps fp16 and restores the scaler, and --eval-only in fp16 unless told."""
     root, common = fm16
-    run = root / "fp16"
-    proc = part1(*common, "--amp-dtype", "fp16", "--stop-after-epochs", 1, "--output-dir", run)
-    assert proc.returncode == 0, proc.stderr
-    assert effective(run)["amp_dtype"] == "fp16" and effective(run)["scaler"]
-    assert not (run / "results.json").exists()  # unfinished: it continues with --resume
-    ckpt = torch.load(run / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+    run_dir = root / "fp16"
+    part1(*common, "--amp-dtype", "fp16", "--stop-after-epochs", 1, "--output-dir", run_dir)
+    assert effective(run_dir)["amp_dtype"] == "fp16" and effective(run_dir)["scaler"]
+    assert not (run_dir / "results.json").exists()  # unfinished: it continues with --resume
+    ckpt = torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=False)
     assert ckpt["scaler"]["scale"] > 0  # a real scaler state, not an empty one
-    proc = part1("--resume", run / "checkpoints/last.pt")
-    assert proc.returncode == 0, proc.stderr
-    assert "'amp_dtype': 'fp16'" in (run / "log.txt").read_text().replace('"', "'")
-    assert len(runfiles.read_csv(run / "metrics.csv")) == 2
-    proc = part1("--eval-only", run / "checkpoints/best.pt", "--output-dir", root / "ev16")
-    assert proc.returncode == 0, proc.stderr
+    part1("--resume", run_dir / "checkpoints/last.pt")
+    assert "'amp_dtype': 'fp16'" in (run_dir / "log.txt").read_text().replace('"', "'")
+    assert len(runfiles.read_csv(run_dir / "metrics.csv")) == 2
+    part1("--eval-only", run_dir / "checkpoints/best.pt", "--output-dir", root / "ev16")
     assert effective(root / "ev16")["amp_dtype"] == "fp16"
-    proc = part1("--eval-only", run / "checkpoints/best.pt", "--no-amp", "--output-dir",
-                 root / "ev32")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    part1("--eval-only", run_dir / "checkpoints/best.pt", "--no-amp", "--output-dir",
+          root / "ev32")  # fmt: skip
     assert effective(root / "ev32")["amp_dtype"] is None
 
 
 def test_precision_flags_on_resume_repeat_the_checkpoints_or_stop_in_one_line(fm16):
     root, common = fm16
     for name, flags in (("bf16", ["--amp"]), ("fp32", ["--no-amp"])):
-        run = root / f"half-{name}"
-        proc = part1(*common, *flags, "--stop-after-epochs", 1, "--output-dir", run)
-        assert proc.returncode == 0, proc.stderr
-        last = run / "checkpoints/last.pt"
+        run_dir = root / f"half-{name}"
+        part1(*common, *flags, "--stop-after-epochs", 1, "--output-dir", run_dir)
+        last = run_dir / "checkpoints/last.pt"
         for other in (["--amp-dtype", "fp16"], ["--no-amp"] if name == "bf16" else ["--amp"]):
-            assert_one_line_error(part1("--resume", last, *other), mentions="precision")
-        assert not (run / "results.json").exists()
-    proc = part1("--resume", root / "half-fp32/checkpoints/last.pt", "--no-amp")
-    assert proc.returncode == 0, proc.stderr
+            with pytest.raises(UserError, match="differs from the checkpoint's precision"):
+                part1("--resume", last, *other)
+        assert not (run_dir / "results.json").exists()
+    # the same refusal from the command line: one line, exit code 2
+    proc = run_script("part1_classify.py", "--resume", str(root / "half-bf16/checkpoints/last.pt"),
+                      "--no-amp")  # fmt: skip
+    assert_one_line_error(proc, mentions="precision")
+    part1("--resume", root / "half-fp32/checkpoints/last.pt", "--no-amp")
     assert runfiles.read_json(root / "half-fp32/results.json")["checkpoint_epoch"] >= 1
 
 
@@ -139,17 +147,16 @@ def test_an_older_checkpoint_that_recorded_fp16_but_ran_bf16_resumes_in_bf16(fm1
     amp_dtype fp16) while bf16 ran and the scaler state stayed empty; its resume stopped with
     "source state dict is empty"."""
     root, common = fm16
-    run = root / "old"
-    assert part1(*common, "--amp", "--stop-after-epochs", 1, "--output-dir", run).returncode == 0
-    path = run / "checkpoints/last.pt"
+    run_dir = root / "old"
+    part1(*common, "--amp", "--stop-after-epochs", 1, "--output-dir", run_dir)
+    path = run_dir / "checkpoints/last.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     del ckpt["args"]["effective"]
     ckpt["args"] |= {"amp": True, "amp_dtype": "fp16"}
     ckpt["scaler"] = {}
     torch.save(ckpt, path)
-    proc = part1("--resume", path)
-    assert proc.returncode == 0, proc.stderr
-    assert "'amp_dtype': 'bf16'" in (run / "log.txt").read_text().replace('"', "'")
+    part1("--resume", path)
+    assert "'amp_dtype': 'bf16'" in (run_dir / "log.txt").read_text().replace('"', "'")
 
 
 # ----------------------------------------------------------------------------- time-boxed
@@ -158,19 +165,12 @@ def test_a_time_boxed_run_chooses_from_the_same_epochs_and_counts_the_same_compu
 ):
     """--val-every 2 over 3 epochs validates epochs 2 and 3; cut after epoch 1, the first
     invocation must not validate (nor be chosen, nor count validation compute) at its end."""
-    common = ["--data", synthetic_facade_ro, *SYN_P2, "--epochs", 3, "--val-every", 2,
-              "--no-progress"]  # fmt: skip
+    common = ["--data", synthetic_facade_ro, *SYN_P2, "--epochs", 3, "--val-every", 2]
     straight, boxed = tmp_path / "straight", tmp_path / "boxed"
-    proc = run_script("part2_segment.py", *map(str, common), "--output-dir", str(straight))
-    assert proc.returncode == 0, proc.stderr
+    part2(*common, "--output-dir", straight)
     for extra in (["--output-dir", boxed], ["--resume", boxed / "checkpoints/last.pt"]):
-        proc = run_script(
-            "part2_segment.py", *map(str, [*common, "--stop-after-epochs", 1, *extra])
-        )
-        assert proc.returncode == 0, proc.stderr
-    proc = run_script("part2_segment.py", "--resume", str(boxed / "checkpoints/last.pt"),
-                      "--no-progress")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+        part2(*common, "--stop-after-epochs", 1, *extra)
+    part2("--resume", boxed / "checkpoints/last.pt")
     a, b = (runfiles.read_json(f / "results.json") for f in (straight, boxed))
     assert a["checkpoint_epoch"] == b["checkpoint_epoch"]
     assert a["val_tflop"] == pytest.approx(b["val_tflop"], rel=1e-12)
@@ -181,30 +181,24 @@ def test_a_time_boxed_run_chooses_from_the_same_epochs_and_counts_the_same_compu
 
 def test_a_second_resume_across_the_compute_recording_change(synthetic_facade_ro, tmp_path):
     """Rows from before compute was recorded read back empty; the sum must skip, not fail."""
-    run = tmp_path / "run"
-    common = ["--data", str(synthetic_facade_ro), *SYN_P2, "--epochs", "3", "--no-progress"]
-    assert run_script("part2_segment.py", *common, "--stop-after-epochs", "1",
-                      "--output-dir", str(run)).returncode == 0  # fmt: skip
-    rows = runfiles.read_csv(run / "metrics.csv")
-    runfiles.write_csv(run / "metrics.csv", [
+    run_dir = tmp_path / "run"
+    part2("--data", synthetic_facade_ro, *SYN_P2, "--epochs", 3, "--stop-after-epochs", 1,
+          "--output-dir", run_dir)  # fmt: skip
+    rows = runfiles.read_csv(run_dir / "metrics.csv")
+    runfiles.write_csv(run_dir / "metrics.csv", [
         {k: v for k, v in r.items() if not k.endswith("tflop")} for r in rows])  # fmt: skip
-    last = str(run / "checkpoints/last.pt")
     for _ in range(2):
-        proc = run_script("part2_segment.py", "--resume", last, "--stop-after-epochs", "1",
-                          "--no-progress")  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-    results = runfiles.read_json(run / "results.json")
+        part2("--resume", run_dir / "checkpoints/last.pt", "--stop-after-epochs", 1)
+    results = runfiles.read_json(run_dir / "results.json")
     assert "train_tflop" not in results and results["checkpoint_epoch"] >= 1
 
 
 def test_args_json_records_the_micro_batch_used_not_the_one_refused(synthetic_facade_ro, tmp_path):
-    run = tmp_path / "unet"
-    proc = run_script("part2_segment.py", "--data", str(synthetic_facade_ro), *SYN_P2,
-                      "--model", "unet", "--width", "4", "--epochs", "1", "--micro-batch", "2",
-                      "--no-progress", "--output-dir", str(run))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    recorded = runfiles.read_json(run / "args.json")
+    run_dir = tmp_path / "unet"
+    part2("--data", synthetic_facade_ro, *SYN_P2, "--model", "unet", "--width", 4, "--epochs", 1,
+          "--micro-batch", 2, "--output-dir", run_dir)  # fmt: skip
+    recorded = runfiles.read_json(run_dir / "args.json")
     assert recorded["micro_batch"] == 2  # the flag as given
     assert recorded["effective"]["micro_batch"] == 0  # batch norm: whole batches were used
     assert "refused" in recorded["effective"]["reasons"]["micro_batch"]
-    assert "refused" in (run / "log.txt").read_text().splitlines()[0]
+    assert "refused" in (run_dir / "log.txt").read_text().splitlines()[0]

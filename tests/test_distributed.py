@@ -31,6 +31,20 @@ def torchrun(script: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def run_on_two_ranks(tmp_path, name: str, body: str) -> subprocess.CompletedProcess:
+    """``body`` (the code of a ``main(args)`` that may use torch, dist and utils) run by
+    utils.run_cli on two gloo ranks under torchrun."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(
+        f"import argparse, atexit, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        "import torch\nimport torch.distributed as dist\nimport utils\n\n"
+        f"{body}\nutils.run_cli(main, argparse.ArgumentParser())\n"
+    )
+    return subprocess.run(
+        [*TORCHRUN, str(script)], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+
+
 def part1(*args: str) -> dict:
     return part1_classify.main(
         part1_classify.get_args_parser().parse_args([*args, "--no-progress"])
@@ -200,22 +214,15 @@ def test_any_exception_on_one_rank_ends_that_rank_through_os_exit(tmp_path):
     """A plain RuntimeError on rank 1 while rank 0 waits at a barrier: the traceback is printed
     once, rank 1 leaves through os._exit(1) (its atexit handlers, where gloo's teardown could
     abort or hang, never run) and torchrun ends the job."""
-    script = tmp_path / "fails_on_rank_1.py"
-    script.write_text(
-        "import argparse, atexit, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import torch.distributed as dist\n"
-        "import utils\n\n"
+    proc = run_on_two_ranks(
+        tmp_path,
+        "fails_on_rank_1",
         "def main(args):\n"
         "    rt = utils.settled_runtime(device='cpu')\n"
         "    atexit.register(print, 'interpreter teardown on rank', rt.rank, file=sys.stderr)\n"
         "    if rt.rank == 1:\n"
         "        raise RuntimeError('boom on rank 1')\n"
-        "    dist.barrier()  # waits for rank 1, which never comes\n\n"
-        "utils.run_cli(main, argparse.ArgumentParser())\n"
-    )
-    proc = subprocess.run(
-        [*TORCHRUN, str(script)], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
+        "    dist.barrier()  # waits for rank 1, which never comes\n",
     )
     assert proc.returncode != 0
     assert proc.stderr.count("RuntimeError: boom on rank 1") == 1, proc.stderr[-3000:]
@@ -282,12 +289,9 @@ def test_a_rank_whose_hardware_cannot_follow_stops_with_one_line(tmp_path):
 def test_collectives_under_inference_mode(tmp_path):
     """Evaluation runs under inference_mode; torch 2.3 refused collectives on the tensors made
     there ("Inplace update to inference tensor outside InferenceMode")."""
-    script = tmp_path / "collectives.py"
-    script.write_text(
-        "import argparse, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import torch\n"
-        "import utils\n\n"
+    proc = run_on_two_ranks(
+        tmp_path,
+        "collectives",
         "def main(args):\n"
         "    rt = utils.settled_runtime(device='cpu')\n"
         "    r = rt.rank\n"
@@ -300,10 +304,6 @@ def test_collectives_under_inference_mode(tmp_path):
         "    assert gathered.tolist() == [0.0, 0.0, 1.0], gathered\n"
         "    assert ordered.tolist() == [0, 1, 2, 3], ordered\n"
         "    assert word == 'rank 0', word\n"
-        "    utils.cleanup_runtime(rt)\n\n"
-        "utils.run_cli(main, argparse.ArgumentParser())\n"
-    )
-    proc = subprocess.run(
-        [*TORCHRUN, str(script)], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
+        "    utils.cleanup_runtime(rt)\n",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
