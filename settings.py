@@ -155,7 +155,7 @@ def settle(
     ``UserError`` (one line for the user)."""
     kind, device_why = hardware.pick_device(device, hw)
     wanted = requested_precision(amp, amp_dtype)
-    reasons, warnings = {"device": device_why}, []
+    reasons = {"device": device_why}
     if fixed_precision is not False:
         if wanted is not False and wanted != fixed_precision:
             raise UserError(
@@ -178,7 +178,7 @@ def settle(
         micro_batch=chunk,
         allocator=allocator,
         reasons=reasons,
-        warnings=(*warnings, *warned),
+        warnings=warned,
     )
 
 
