@@ -106,7 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="training and validation images: ranges = --train-range / --val-range (the "
         "course's 0-799 / 800-899, whose validation holds crops of training photographs); "
         "grouped = 801 / 99 images with no near-duplicate or crop of one photograph on both "
-        "sides (docs/splits.md; the ranges are then not used) (default: ranges)",
+        "sides (docs/splits.md; not with --train-range or --val-range) (default: ranges)",
     )
     d.add_argument(
         "--augment",
