@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pairs=("$@")
 if [ ${#pairs[@]} -eq 0 ]; then
-    pairs=("torch==2.4.1 torchvision==0.19.1" "torch==2.15.0 torchvision==0.29.2")
+    pairs=("torch==2.3.1 torchvision==0.18.1" "torch==2.15.0 torchvision==0.29.2")
 fi
 data=$(realpath "${DATA_DIR:-data}")
 logs=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/torch-versions-logs.XXXXXX")}

@@ -117,9 +117,10 @@ def test_fp16_trains_stops_resumes_and_is_tested_in_fp16(fm16):
     part1("--resume", run_dir / "checkpoints/last.pt")
     assert "'amp_dtype': 'fp16'" in (run_dir / "log.txt").read_text().replace('"', "'")
     assert len(runfiles.read_csv(run_dir / "metrics.csv")) == 2
-    part1("--eval-only", run_dir / "checkpoints/best.pt", "--output-dir", root / "ev16")
+    data = common[:3]  # --data-root DIR --no-download: eval-only reads the test set anew
+    part1("--eval-only", run_dir / "checkpoints/best.pt", *data, "--output-dir", root / "ev16")
     assert effective(root / "ev16")["amp_dtype"] == "fp16"
-    part1("--eval-only", run_dir / "checkpoints/best.pt", "--no-amp", "--output-dir",
+    part1("--eval-only", run_dir / "checkpoints/best.pt", *data, "--no-amp", "--output-dir",
           root / "ev32")  # fmt: skip
     assert effective(root / "ev32")["amp_dtype"] is None
 
