@@ -301,8 +301,8 @@ def build_parser() -> cli.Parser:
         "environment.world_size, does count). Every other argument, and the epochs actually "
         "trained, must match within a group (a run's precision as it ran; the planned epochs "
         f"only for a schedule that is not constant). These count too ({measured}). --eval-only "
-        "folders are grouped by their checkpoint's recipe, apart "
-        "apart from training runs. A seed repeated within a group is refused.",
+        "folders are grouped by their checkpoint's recipe, apart from training runs. A seed "
+        "repeated within a group is refused.",
         width=79,
     )
     parser.add_argument(

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 import hardware
-import utils
-from utils import Runtime, UserError, broadcast_object
+from utils import Runtime, UserError, broadcast_object, cleanup_runtime
 
 
 # ----------------------------------------------------------------------------- files
@@ -258,7 +257,7 @@ def stop_invocation(args, rt: Runtime, run_dir: Path, log: logging.Logger) -> di
     log.info("stopped after %d epochs (--stop-after-epochs): continue with --resume %s",
              args.stop_after_epochs, run_dir / "checkpoints" / "last.pt")  # fmt: skip
     close_logger(log)
-    utils.cleanup_runtime(rt)
+    cleanup_runtime(rt)
     return {}
 
 

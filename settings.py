@@ -62,12 +62,7 @@ FLAGS = {
     "test_range": Rule(False, True, MEASURED, "which images are tested"),
 }
 # Every other flag (model, seed, recipe, split, augmentation, ...) is fixed on --resume and
-# --eval-only and defines the recipe; ``rule`` says so.
-FIXED = Rule(False, False, RECIPE, "it changes what is trained")
-
-
-def rule(flag: str) -> Rule:
-    return FLAGS.get(flag, FIXED)
+# --eval-only and defines the recipe: it changes what is trained.
 
 
 def free_on_resume() -> frozenset[str]:
@@ -79,9 +74,6 @@ def free_on_eval_only() -> frozenset[str]:
 
 
 # ----------------------------------------------------------------------------- effective
-PRECISIONS = {"bf16", "fp16", None}  # None: fp32
-
-
 @dataclass(frozen=True)
 class Effective:
     """What a run uses, each with its reason; ``asdict`` of it is args.json's ``effective``."""
@@ -189,15 +181,15 @@ def precision_flags(precision: str | None) -> str:
 def follow(own: Effective, leader: dict, rank: int, hw: hardware.Hardware) -> Effective:
     """Under torchrun: rank 0's settings (``leader``, its ``record()``) on this rank, which
     must be able to follow them: the same kind of device, and native bf16 where rank 0 chose
-    bf16 by policy (emulated bf16 would hold every rank back many times over)."""
+    bf16 by policy (emulated bf16 would hold every rank back many times over). Every rank
+    settled the same flags, so bf16 there and not here means rank 0's policy chose it."""
     if leader["device"] != own.device:
         raise UserError(
             f"rank {rank} runs on {own.device} but rank 0 chose {leader['device']}: "
             "give every process the same kind of device (--device)"
         )
-    native, why = hardware.native_bf16(own.device, hw)
-    chosen_by_policy = leader["reasons"]["precision"].startswith("bf16 autocast:")
-    if leader["amp_dtype"] == "bf16" and chosen_by_policy and not native:
+    if leader["amp_dtype"] == "bf16" and own.amp_dtype != "bf16":
+        why = hardware.native_bf16(own.device, hw)[1]
         raise UserError(
             f"rank {rank} cannot follow rank 0's bf16 autocast: {why} (run every process "
             "with --no-amp, or on machines of one kind)"

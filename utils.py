@@ -14,7 +14,7 @@ import random
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -158,18 +158,18 @@ def setup_runtime(
         if kind == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-        leader = Runtime(torch.device("cpu"), effective, rank, local_rank, world_size)
-        decided = broadcast_object(effective.record(), leader)
-        if rank != 0:
-            effective = settings.follow(effective, decided, rank, hw or hardware.read_hardware())
     torch_device = torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
-    # The scaler only does something for fp16; for bf16/fp32 it is a pass-through.
-    scaler = torch.amp.GradScaler(torch_device.type, enabled=effective.scaler)
+    rt = Runtime(torch_device, effective, rank, local_rank, world_size, progress=progress)
+    decided = broadcast_object(effective.record(), rt)  # rank 0 decides
+    if rank != 0:
+        effective = settings.follow(effective, decided, rank, hw or hardware.read_hardware())
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(torch_device, effective, rank, local_rank, world_size, scaler, progress)
+    # The scaler only does something for fp16; for bf16/fp32 it is a pass-through.
+    scaler = torch.amp.GradScaler(torch_device.type, enabled=effective.scaler)
+    return replace(rt, settings=effective, scaler=scaler)
 
 
 def settled_runtime(hw: hardware.Hardware | None = None, *, threads=None, progress=True,
