@@ -71,11 +71,15 @@ def random_scale_crop_flip_jitter(
     crop: int = 256,
     scale_range: tuple[float, float] = (0.6, 1.25),
     jitter: float = 0.3,
+    rare_share: float = 0.0,
+    rare_classes: tuple[int, ...] = (),
 ):
     """Segmentation augmentation in one affine resample per batch: a random box of 60-125% of the
     image side (aspect 3:4-4:3; beyond the border the image is mirrored), resized to ``crop``;
     left-right flip; brightness and contrast jitter. Images bilinear, labels nearest.
-    x is float (N,3,H,W) in 0-1, y (N,H,W)."""
+    ``rare_share`` of the boxes (where the image has any) hold a random pixel of
+    ``rare_classes``, centred unless that would leave the image (nnU-Net's foreground
+    oversampling). x is float (N,3,H,W) in 0-1, y (N,H,W)."""
     n = x.shape[0]
     draws = torch.rand(total, 7, generator=g)[rows].to(x.device)
     lo, hi = scale_range
@@ -87,6 +91,9 @@ def random_scale_crop_flip_jitter(
         (2 * draws[:, 2] - 1) * (1 - sx).clamp(min=0),
         (2 * draws[:, 3] - 1) * (1 - sy).clamp(min=0),
     )
+    if rare_share > 0:  # drawn after the others: runs without it keep their random stream
+        rare_draws = torch.rand(total, 2, generator=g)[rows].to(x.device)
+        tx, ty = rare_centres(y, rare_draws, rare_share, rare_classes, (sx, sy), (tx, ty))
     flip = torch.where(draws[:, 4] < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
@@ -100,3 +107,22 @@ def random_scale_crop_flip_jitter(
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast[:, None, None, None] + mean * brightness[:, None, None, None]
     return x.clamp(0, 1), y
+
+
+def rare_centres(y, draws, share, classes, box, centres):
+    """Box centres (normalised -1..1) moved onto a pixel of ``classes`` drawn uniformly from the
+    image's such pixels, for the images whose ``draws[:, 0]`` < ``share`` and that have one;
+    clamped so that a box smaller than the image stays inside it."""
+    n, h, w = y.shape
+    rare = torch.isin(y, torch.as_tensor(classes, device=y.device)).flatten(1)
+    counts = rare.sum(1)
+    k = (draws[:, 1] * counts).long().clamp(max=(counts - 1).clamp(min=0))
+    pixel = (rare.cumsum(1) > k[:, None]).int().argmax(1)  # the k-th rare pixel
+    px = (2 * (pixel % w) + 1) / w - 1
+    py = (2 * torch.div(pixel, w, rounding_mode="floor") + 1) / h - 1
+    use = (draws[:, 0] < share) & (counts > 0)
+    (sx, sy), (tx, ty) = box, centres
+    room_x, room_y = (1 - sx).clamp(min=0), (1 - sy).clamp(min=0)
+    tx = torch.where(use, torch.maximum(torch.minimum(px, room_x), -room_x), tx)
+    ty = torch.where(use, torch.maximum(torch.minimum(py, room_y), -room_y), ty)
+    return tx, ty

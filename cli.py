@@ -20,7 +20,7 @@ from utils import UserError
 
 # Which flags may differ on --resume and on --eval-only: one table, a reason per flag.
 RESUME_FREE, EVAL_FREE = settings.free_on_resume(), settings.free_on_eval_only()
-COMMON_DEFAULTS = {"seed": 0, "sync_bn": False, "val_every": 1}
+COMMON_DEFAULTS = {"seed": 0, "sync_bn": False, "val_every": 1, "ema": 0.0}
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,6 +67,7 @@ def float_in(
 
 POSITIVE_INT, NONNEG_INT = int_at_least(1), int_at_least(0)
 POSITIVE_FLOAT, NONNEG_FLOAT = float_in(0, low_open=True), float_in(0)
+EMA_DECAY = float_in(0, 1, high_open=True)  # 1 would never move
 
 
 def add_common_args(
@@ -138,6 +139,13 @@ def add_common_args(
     )
     r.add_argument(
         "--warmup-epochs", type=NONNEG_FLOAT, metavar="E", help="linear warm-up length in epochs"
+    )
+    r.add_argument(
+        "--ema",
+        type=EMA_DECAY,
+        metavar="D",
+        help="validate, select and test an exponential moving average of the weights, updated "
+        "every step with decay D (e.g. 0.999: about the last 1000 steps); 0: off (default: 0)",
     )
     u = parser.add_argument_group("runtime")
     u.add_argument(
@@ -238,6 +246,11 @@ def resolve_args(
     if args.resume:
         adopt_checkpoint_args(args, ckpt["args"])
         adopt_checkpoint_epochs(args, ckpt["args"])
+        if ckpt["epoch"] >= args.epochs:
+            raise UserError(
+                f"{args.resume} has trained all {args.epochs} epochs: nothing to resume "
+                "(--eval-only tests it; a constant schedule can grow with a larger --epochs)"
+            )
     if args.eval_only:  # args.json describes the checkpoint's run (seed, recipe, model)
         adopt_checkpoint_args(args, ckpt["args"], free=EVAL_FREE, why="it was trained with it")
     if ckpt is not None:  # the network is built from these, whatever the saved args say

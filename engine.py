@@ -15,6 +15,7 @@ from tqdm import tqdm
 import optimizers
 import runfiles
 import utils
+from ema import WeightAverage
 from metrics import ConfusionMatrix, PixelScores
 from utils import Runtime
 
@@ -32,6 +33,7 @@ def train_one_epoch(
     max_steps: int | None = None,
     metric=None,
     log_interval: int = 10,
+    ema: WeightAverage | None = None,
 ) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
@@ -55,6 +57,8 @@ def train_one_epoch(
         rt.scaler.step(optimizer)
         rt.scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update()
         loss_sum += loss * x.shape[0]
         seen += x.shape[0]
         bar.update(1)
@@ -228,10 +232,17 @@ def out_of_time(started: float, limit_min: float | None, rt: Runtime) -> bool:
 
 
 # ----------------------------------------------------------------------------- training state
-def training_state(model, optimizer, scheduler, rt: Runtime, epoch: int, history: History) -> dict:
-    """What a checkpoint needs, besides the run's description, to continue exactly."""
-    return {
-        "model": model.state_dict(),
+def training_state(
+    model, optimizer, scheduler, rt: Runtime, epoch: int, history: History, ema=None
+) -> dict:
+    """What a checkpoint needs, besides the run's description, to continue exactly. "model" is
+    the network that is validated and tested (with --ema the average; the trained weights are
+    then under "ema"), so --eval-only and predict read every checkpoint alike."""
+    averaged = {}
+    if ema is not None:
+        averaged = {"ema": {"trained_model": model.state_dict(), "updates": ema.updates}}
+    return averaged | {
+        "model": (ema.model if ema is not None else model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": rt.scaler.state_dict(),
@@ -244,9 +255,16 @@ def training_state(model, optimizer, scheduler, rt: Runtime, epoch: int, history
     }
 
 
-def restore_training(ckpt: dict, model, optimizer, scheduler, rt: Runtime, history: History) -> int:
-    """Load weights, optimiser, schedule, scaler and RNG from ``ckpt``; returns the next epoch."""
-    model.load_state_dict(ckpt["model"])
+def restore_training(
+    ckpt: dict, model, optimizer, scheduler, rt: Runtime, history: History, ema=None
+) -> int:
+    """Load weights (and their average), optimiser, schedule, scaler and RNG from ``ckpt``;
+    returns the next epoch."""
+    if ema is not None:
+        model.load_state_dict(ckpt["ema"]["trained_model"])
+        ema.load_state_dict({"model": ckpt["model"], "updates": ckpt["ema"]["updates"]})
+    else:
+        model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     rt.scaler.load_state_dict(ckpt["scaler"])
@@ -301,9 +319,13 @@ def fit(
     steps = steps_per_epoch(train_loader, args.max_steps)
     optimizer, scheduler = optimizers.optimizer_and_schedule(model_without_ddp, args, steps)
     history = History(run_dir / "metrics.csv", *select, log, args.epochs, ap_every, flops)
+    ema = WeightAverage(model_without_ddp, args.ema) if args.ema else None
+    evaluated = ema.model if ema is not None else model_without_ddp  # validated, selected, tested
     start_epoch = 1
     if ckpt is not None:
-        start_epoch = restore_training(ckpt, model_without_ddp, optimizer, scheduler, rt, history)
+        start_epoch = restore_training(
+            ckpt, model_without_ddp, optimizer, scheduler, rt, history, ema
+        )
     last_epoch = min(args.epochs, start_epoch - 1 + (args.stop_after_epochs or args.epochs))
     best_weights, started = None, time.perf_counter()
     for epoch in range(start_epoch, last_epoch + 1):
@@ -319,8 +341,11 @@ def fit(
             epoch,
             max_steps=args.max_steps,
             metric=ConfusionMatrix(num_classes),
+            ema=ema,
         )
         utils.broadcast_module_state(model_without_ddp, rt)  # rank 0's BatchNorm statistics
+        if ema is not None:
+            utils.broadcast_module_state(evaluated, rt)
         # Rank 0's clock decides before validation, so the epoch a time limit stops at gets its
         # validation AP like the planned last one.
         stopping = epoch < last_epoch and out_of_time(started, args.time_limit, rt)
@@ -334,13 +359,13 @@ def fit(
                 PixelScores(num_classes, softmax=False) if ap_due else ConfusionMatrix(num_classes)
             )
             val_stats = evaluate(
-                model_without_ddp, val_loader, loss_fn, rt, val_metric, desc=f"epoch {epoch} val"
+                evaluated, val_loader, loss_fn, rt, val_metric, desc=f"epoch {epoch} val"
             )
         is_best = history.add(epoch, lr, train_stats, val_stats, rt)
         if is_best:
-            best_weights = copy_weights(model_without_ddp)
+            best_weights = copy_weights(evaluated)
         if rt.is_main:
-            state = training_state(model_without_ddp, optimizer, scheduler, rt, epoch, history)
+            state = training_state(model_without_ddp, optimizer, scheduler, rt, epoch, history, ema)
             runfiles.save_epoch_checkpoints(meta | state, run_dir / "checkpoints", is_best)
         if stopping:
             log.info("time limit of %g min reached after epoch %d", args.time_limit, epoch)

@@ -39,6 +39,7 @@ from metrics import PixelScores
 TASK, OUTPUT_ROOT = "segmentation", "outputs/part2"
 NAMES = datasets.FACADE_CLASSES
 NUM_CLASSES = len(NAMES)
+RARE_CLASSES = (NAMES.index("pillar"), NAMES.index("balcony"))  # the fewest training pixels
 DEFAULTS = {
     "model": "facade_fcn",
     "data": "data/facade",
@@ -48,6 +49,7 @@ DEFAULTS = {
     "split": "ranges",
     "crop": 256,
     "crop_scale": [0.6, 1.25],
+    "rare_crops": 0.0,
     "val_ap_every": 5,
     "tta": False,
 }
@@ -130,6 +132,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(default: 0.6 1.25)",
     )
     d.add_argument(
+        "--rare-crops",
+        type=cli.float_in(0, 1),
+        metavar="P",
+        help="share of the training boxes that hold a pixel of the rarest classes, pillar and "
+        "balcony, drawn at random (centred where the box stays inside the image; as nnU-Net "
+        "oversamples foreground; default: 0)",
+    )
+    d.add_argument(
         "--num-examples",
         type=cli.POSITIVE_INT,
         default=6,
@@ -162,6 +172,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "back to full size: ~1/F^2 of the compute (default: 1)",
     )
     parser.add_argument(
+        "--fine-width",
+        type=cli.NONNEG_INT,
+        metavar="C",
+        help="with --downsample 2 or 4: a full-resolution branch of C channels (a conv of the "
+        "image, joined with the upsampled U-Net features, a conv) draws the boundaries at full "
+        "resolution, e.g. thin pillars; 8 costs ~1/6 more compute at --downsample 2 "
+        "(default: 0, none)",
+    )
+    parser.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
         help="test with the mean scores of each image and its mirror image (one more forward "
@@ -178,10 +197,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def model_kwargs(args) -> dict:
-    for flag in ("width", "downsample"):
+    for flag in ("width", "downsample", "fine_width"):
         if getattr(args, flag) is not None and args.model != "unet":
-            raise utils.UserError(f"--{flag} applies to unet only, not {args.model}")
+            raise utils.UserError(
+                f"--{flag.replace('_', '-')} applies to unet only, not {args.model}"
+            )
+    if args.fine_width and (args.downsample or 1) == 1:
+        raise utils.UserError(
+            "--fine-width adds a full-resolution branch to a --downsample 2 or 4 U-Net"
+        )
     unet = {"width": args.width, "depth": 4, "downsample": args.downsample or 1}
+    if args.fine_width:  # only then: checkpoints without the branch read as before
+        unet["fine_width"] = args.fine_width
     return {"num_classes": NUM_CLASSES} | (unet if args.model == "unet" else {})
 
 
@@ -243,9 +270,13 @@ def build_loaders(args, rt: utils.Runtime, splits: dict, ckpt: dict | None):
     else:
         normalization = dict(zip(("mean", "std"), datasets.channel_stats(splits["train"][0])))
     augment_batch = None
+    if args.rare_crops and args.augment != "scale_crop_flip_jitter":
+        raise utils.UserError("--rare-crops chooses crops of --augment scale_crop_flip_jitter")
     if args.augment == "scale_crop_flip_jitter":
         augment_batch = functools.partial(augment.random_scale_crop_flip_jitter, crop=args.crop,
-                                          scale_range=tuple(args.crop_scale))  # fmt: skip
+                                          scale_range=tuple(args.crop_scale),
+                                          rare_share=args.rare_crops,
+                                          rare_classes=RARE_CLASSES)  # fmt: skip
     loaders = datasets.split_loaders(
         splits, normalization, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
         seed=args.seed, rank=rt.rank, world_size=rt.world_size, augment=augment_batch,
