@@ -34,6 +34,7 @@ from compare_report import (
     format_value,
     number,
     plot_curves,
+    plot_frontier,
     render_html,
     summarise,
     terminal_table,
@@ -52,7 +53,7 @@ NON_RECIPE_ARGS = frozenset(
     | {"seed", "environment", "effective"}
 )
 # Flags added after older folders were written, at the value with which they train as those did.
-ADDED_LATER = {"val_every": 1}
+ADDED_LATER = {"val_every": 1, "split": "ranges", "ema": 0.0, "rare_crops": 0.0}
 LABEL_FIRST = ("model", "lr", "epochs", "epochs_trained", "batch_size")  # named first in labels
 MAX_LABEL_CHARS = 48
 CURVE_COLUMNS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
@@ -285,6 +286,8 @@ def compare_runs(run_dirs: list, output_dir: str | Path | None = None) -> dict:
     for quantity, ylabel in (("loss", "loss"), ("accuracy", spec.accuracy)):
         if plot_curves(groups, quantity, ylabel, out / f"{quantity}_curves.png"):
             summary["figures"][quantity] = f"{quantity}_curves.png"
+    if spec.compute and plot_frontier(summary, spec, out / "frontier.png"):
+        summary["figures"]["frontier"] = "frontier.png"
     runfiles.write_json(out / "compare.json", summary)
     # compare.html last: its presence marks a complete report (and blocks reuse of the folder)
     runfiles.write_text(out / "compare.html", render_html(summary, spec, out))

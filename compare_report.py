@@ -206,6 +206,39 @@ def plot_curves(groups: list[Group], quantity: str, ylabel: str, path: Path) -> 
     return True
 
 
+def frontier_points(summary: dict, spec: SimpleNamespace) -> list[tuple]:
+    """(label, mean TFLOP of training + validation, headline mean, its std or 0, n) for each
+    group that recorded its compute; eval-only groups trained nothing and are left out."""
+    points = []
+    for g in summary["groups"]:
+        compute = [g["metrics"][m]["mean"] for m in spec.compute]
+        headline = g["metrics"][spec.headline]
+        if g["eval_only"] or not compute or None in compute or headline["mean"] is None:
+            continue
+        points.append((g["label"], sum(compute), headline["mean"], headline["std"] or 0, g["n"]))
+    return points
+
+
+def plot_frontier(summary: dict, spec: SimpleNamespace, path: Path) -> bool:
+    """The headline (mean ± sample std over seeds) against training + validation compute per
+    group, on a log axis; False where no group recorded its compute."""
+    points = frontier_points(summary, spec)
+    if not points:
+        return False
+    fig, ax = report._plt().subplots(figsize=(8, 4.5))
+    for k, (label, tflop, mean, std, n) in enumerate(points):
+        ax.errorbar(tflop, mean, yerr=std, fmt="o", capsize=3, color=f"C{k % 10}",
+                    label=f"{label} (n={n})")  # fmt: skip
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(report._plt().ScalarFormatter())  # 100, not 10^2
+    ax.set(xlabel="training + validation compute (TFLOP, log scale)",
+           ylabel=f"test {TITLES[spec.headline]}", title="Compute against result")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="x-small", loc="lower right")
+    report.save_figure(fig, path)
+    return True
+
+
 # ----------------------------------------------------------------------------- HTML
 def group_tables(summary: dict, spec: SimpleNamespace) -> list[tuple[str, str, str]]:
     """(title, explanation, table) of the groups, their metrics and their per-class values."""
@@ -298,8 +331,20 @@ def render_html(summary: dict, spec: SimpleNamespace, out: Path) -> str:
         )
         for q, title in (("loss", "loss"), ("accuracy", spec.accuracy))
     )
-    sections = [
-        *group_tables(summary, spec),
+    sections = [*group_tables(summary, spec)]
+    if "frontier" in summary["figures"]:
+        figure = report.Figure(
+            "frontier.png",
+            "Compute against result",
+            "Each group's mean over its seeds (bars: sample std).",
+            wide=True,
+        )
+        sections.append((
+            "Compute against result",
+            "What each recipe reached for the compute it spent training and validating.",
+            f"<div class='figures'>{report.figure_html(out, figure)}</div>",
+        ))  # fmt: skip
+    sections += [
         (
             "Training curves",
             "Line: the mean over the group's runs; shaded band: their minimum to maximum.",

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import compare
+import compare_report
 import settings
 
 CLASSES_P1 = ["T-shirt/top", "Trouser", "Pullover"]
@@ -559,3 +560,37 @@ def test_a_later_flag_at_its_old_behaviour_groups_with_folders_that_predate_it(t
     sparse = make_run(tmp_path / "c", seed=2, val_every=5)
     groups = compare.group_runs(compare.load_runs([older, every, sparse]))
     assert sorted(len(g.runs) for g in groups) == [1, 2]
+
+
+@pytest.mark.parametrize("flag, old_value", [("split", "ranges"), ("ema", 0.0),
+                                             ("rare_crops", 0.0)])  # fmt: skip
+def test_later_part2_levers_left_off_group_with_older_folders(tmp_path, flag, old_value):
+    older = make_run(tmp_path / "a", task="segmentation", model="unet", seed=0)
+    off = make_run(tmp_path / "b", task="segmentation", model="unet", seed=1, **{flag: old_value})
+    on = make_run(tmp_path / "c", task="segmentation", model="unet", seed=2, **{flag: 0.5})
+    groups = compare.group_runs(compare.load_runs([older, off, on]))
+    assert sorted(len(g.runs) for g in groups) == [1, 2]
+
+
+def test_the_frontier_plots_each_groups_mean_and_std_against_its_compute(tmp_path):
+    points = {  # lr -> (test mean AP, train TFLOP, val TFLOP) per seed
+        0.1: [(0.70, 90.0, 5.0), (0.74, 90.0, 5.0)],
+        0.2: [(0.80, 500.0, 60.0)],
+    }
+    runs = [
+        make_run(tmp_path / f"lr{lr}_s{s}", task="segmentation", model="unet", lr=lr, seed=s,
+                 results_extra={"mean_ap": ap, "train_tflop": t, "val_tflop": v})
+        for lr, seeds in points.items() for s, (ap, t, v) in enumerate(seeds)
+    ]  # fmt: skip
+    older = make_run(tmp_path / "older", task="segmentation", model="unet", lr=0.3)  # no TFLOP
+    out = tmp_path / "out"
+    summary = compare.compare_runs([*runs, older], out)
+    assert summary["figures"]["frontier"] == "frontier.png" and (out / "frontier.png").is_file()
+    got = compare_report.frontier_points(summary, compare.TASKS["segmentation"])
+    assert [(t, m, s, n) for _, t, m, s, n in got] == [
+        (95.0, pytest.approx(0.72), pytest.approx(np.std([0.70, 0.74], ddof=1)), 2),
+        (560.0, pytest.approx(0.80), 0, 1),
+    ]
+    assert "Compute against result" in (out / "compare.html").read_text()
+    part1 = make_run(tmp_path / "p1", seed=0)
+    assert "frontier" not in compare.compare_runs([part1], tmp_path / "out1")["figures"]
