@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import allocator
 import datasets
 import engine
 import hardware
@@ -293,6 +294,13 @@ def main(args) -> dict:
     part2 = policy_flags(kind, hw, PART_MODELS["part2"])
     part2_train = part2["amp"], part2["train_cl"]
     profile = profile_part2(args, kind, *part2_train) if args.profile else []
+    kept = "kept" if allocator.glibc() else "default"  # what the scripts run with here
+    allocators = [
+        timing.allocator_variant(part, mode, kind, max(2, int(4 * scale)))
+        | {"default": mode == kept}
+        for part in args.parts
+        for mode in timing.ALLOCATOR_MODES
+    ]
     found_quality = [quality.time_to_quality(Path(run)) for run in args.quality]
     info = {
         "device": torch.cuda.get_device_name() if kind == "cuda" else (
@@ -308,12 +316,14 @@ def main(args) -> dict:
         "default_is_fastest": fastest_check(rows, defaults),
         "targets": targets(rows, ap, defaults),
         "profile_part2_train_step": profile,
+        "allocator": allocators,
         "time_to_quality": found_quality,
     }  # fmt: skip
     print(f"{info['device']} ({info['cpu_isa']}, {info['threads']} threads)")
     print(format_table(rows))
     print(format_fastest(info["default_is_fastest"]))
     print(format_targets(info["targets"]))
+    print(timing.format_allocator(allocators))
     if profile:
         print(timing.format_profile(profile))
     if found_quality:

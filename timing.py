@@ -1,17 +1,27 @@
 """How benchmark.py times things: the machine's matmul peak, our training and evaluation loop
-(the scripts' own engine.train_one_epoch / engine.evaluate), and a per-layer profile of a
-training step."""
+(the scripts' own engine.train_one_epoch / engine.evaluate), a per-layer profile of a training
+step, and the allocator's variants, each in a fresh process."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+import allocator
+import datasets
 import engine
+import hardware
 import losses
+import models
 import optimizers
+import settings
 import utils
 
 
@@ -106,4 +116,74 @@ def format_profile(profile: list[dict]) -> str:
         f"| {p['op']} | {p['input_shapes']} | {p['ms_per_step']:.1f} | {100 * p['share']:.1f}% |"
         for p in profile
     ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- allocator
+# The allocator is set once per process (allocator.py), so each variant runs in its own.
+ALLOCATOR_MODES = {"default": "the C library's defaults", "kept": "freed memory kept (ours)"}
+# part -> (reference model, training batch on the CPU, sample shape, classes)
+PROBES = {1: ("sigmoid_cnn", 500, (1, 28, 28), 10), 2: ("facade_fcn", 8, (3, 256, 256), 5)}
+
+
+def allocator_variant(part: int, mode: str, device: str, steps: int) -> dict:
+    """The part's reference model trained ``steps`` steps on random data of the real shape
+    with the policy's settings, in a fresh process whose allocator is ``mode``: images/s, the
+    kernel's share of the CPU time and the minor page faults of those steps, peak memory."""
+    code = "import sys, timing; timing.print_allocator_probe(*sys.argv[1:])"
+    args = [str(part), mode, device, str(steps)]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return {"part": part, "allocator": mode} | json.loads(proc.stdout.splitlines()[-1])
+
+
+def print_allocator_probe(part: str, mode: str, device: str, steps: str) -> None:
+    line = allocator.keep_freed_memory() if mode == "kept" else ALLOCATOR_MODES[mode]
+    name, batch, shape, classes = PROBES[int(part)]
+    effective = settings.settle(hardware.read_hardware(), device=device, model=name,
+                                allocator=line)  # fmt: skip
+    rt = utils.setup_runtime(effective, progress=False)
+    g = torch.Generator().manual_seed(0)
+    count = batch * (int(steps) + 2)
+    images = torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=g)
+    pixels = int(part) == 2  # a label per pixel (uint8, as the data loads) or per image
+    label_shape, label_dtype = ((count, *shape[1:]), torch.uint8) if pixels else ((count,), None)
+    labels = torch.randint(0, classes, label_shape, dtype=label_dtype, generator=g)
+    mean, std = datasets.channel_stats(images)
+    loader = datasets.TensorLoader(images.to(rt.device), labels.to(rt.device), batch,
+                                   mean=mean, std=std, train=True)  # fmt: skip
+    net, _ = utils.prepare_model(models.build_model(name, num_classes=classes), rt)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = optimizers.build_scheduler(opt, "constant", int(steps) + 2)
+    loss_fn = losses.CrossEntropy()
+    engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=2)  # the heap grows
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    result = engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=int(steps))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user, kernel = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    print(json.dumps({
+        "images_per_s": result["images_per_s"],
+        "kernel_share": kernel / max(user + kernel, 1e-9),
+        "minor_faults": after.ru_minflt - before.ru_minflt,
+        "peak_rss_mib": after.ru_maxrss / 1024,
+    }))  # fmt: skip
+
+
+def format_allocator(rows: list[dict]) -> str:
+    lines = [
+        "Allocator (the reference models' training steps, each variant in a fresh process):",
+        "| part | allocator | images/s | kernel share of CPU | minor faults | peak MiB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['part']} | {ALLOCATOR_MODES[r['allocator']]}{' (default)' * r['default']} "
+        f"| {r['images_per_s']:.1f} | {100 * r['kernel_share']:.1f}% | {r['minor_faults']:,} "
+        f"| {r['peak_rss_mib']:.0f} |"
+        for r in rows
+    ]
+    for part in dict.fromkeys(r["part"] for r in rows):
+        ours = [r for r in rows if r["part"] == part]
+        fastest = max(ours, key=lambda r: r["images_per_s"])
+        if not fastest["default"]:
+            lines.append(f"part {part}: the default allocator is not the fastest measured here")
     return "\n".join(lines)

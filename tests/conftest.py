@@ -3,7 +3,10 @@ helper."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import importlib
+import io
 import os
 import struct
 import subprocess
@@ -23,6 +26,7 @@ torch.set_num_threads(2)
 
 import allocator  # noqa: E402  (needs the repo on sys.path)
 import datasets  # noqa: E402
+import utils  # noqa: E402
 
 # As the scripts do at start-up: the in-process tests allocate like training loops too.
 allocator.keep_freed_memory()
@@ -239,6 +243,28 @@ def run_script(*argv: str, timeout: float = HANG_GUARD_S) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def run_in_process(*argv: str) -> subprocess.CompletedProcess:
+    """``run_script`` without a new interpreter: the script's command line run here as its
+    ``__main__`` runs it (utils.run_cli: a user error is one line on stderr and exit 2), with
+    its output and exit code captured. A start-up imports torch again: ~2 s of CPU, a tenth of
+    it in the kernel mapping libraries. An exception other than a user error propagates."""
+    script, args = argv[0], [str(a) for a in argv[1:]]
+    module = importlib.import_module(Path(script).stem)
+    out, err, code, cwd = io.StringIO(), io.StringIO(), 0, os.getcwd()
+    os.chdir(REPO)  # as run_script (contextlib.chdir needs Python 3.11; we support 3.10)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if hasattr(module, "cli_main"):  # part2_segment.py: training or predict
+                module.cli_main(args)
+            else:
+                utils.run_cli(module.main, module.get_args_parser(), args)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(

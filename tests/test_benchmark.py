@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import allocator
 import benchmark
 import benchmark_checks
 import hardware
@@ -148,5 +149,12 @@ def test_benchmark_runs_as_a_script(tmp_path):
     assert set(info["peak_flops"]) == {"fp32", *native}  # no peak of an emulated dtype
     assert [f["part"] for f in info["default_is_fastest"]] == ["part1", "part1"]
     assert [t["met"] for t in info["targets"]] == [None] * 3  # Part 2 was not run
+    alloc = {r["allocator"]: r for r in info["allocator"]}
+    assert [(r["part"], r["allocator"]) for r in info["allocator"]] == [(1, "default"), (1, "kept")]
+    glibc = allocator.glibc() is not None
+    assert alloc["kept"]["default"] == glibc and alloc["default"]["default"] == (not glibc)
+    assert all(0 <= r["kernel_share"] < 1 and r["peak_rss_mib"] > 0 for r in alloc.values())
+    if glibc:  # each step's activations are mapped afresh by default, reused when kept
+        assert alloc["kept"]["minor_faults"] < alloc["default"]["minor_faults"] / 4, alloc
     reached = info["time_to_quality"][0]["val_mean_ap_reached"]
     assert reached == {"0.539": {"minutes": 1.0, "epoch": 1}, "0.8": {"minutes": 2.0, "epoch": 2}}

@@ -1,5 +1,6 @@
-"""Command-line error behaviour, run as real subprocesses: exit 2, one 'error:' line, no traceback,
-and (Part 2) no run folder left behind."""
+"""Command-line error behaviour: exit 2, one 'error:' line, no traceback, and (Part 2) no run
+folder left behind. Most run in this process as the scripts' ``__main__`` does (run_in_process);
+one per entry point runs as a real subprocess (run_script)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch
 from PIL import Image
 
 import datasets
-from conftest import assert_one_line_error, run_script, save_label_png, write_idx
+from conftest import (
+    assert_one_line_error,
+    run_in_process,
+    run_script,
+    save_label_png,
+    write_idx,
+)
 
 no_cuda = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CUDA is available here: --device cuda is valid"
@@ -20,7 +27,7 @@ no_cuda = pytest.mark.skipif(
 
 # ----------------------------------------------------------------------------- Part 1
 def _part1(*args, tmp_path):
-    return run_script(
+    return run_in_process(
         "part1_classify.py", *args, "--output-dir", str(tmp_path / "run"), "--no-progress"
     )
 
@@ -126,7 +133,7 @@ def _part2(data, tmp_path, *extra):
     run_dir = tmp_path / "run"
     flags = "--train-range 0 9 --val-range 10 11 --test-range 0 3 --epochs 1".split()
     argv = ["--data", str(data), *flags, "--output-dir", str(run_dir), "--no-progress", *extra]
-    proc = run_script("part2_segment.py", *argv)
+    proc = run_in_process("part2_segment.py", *argv)
     return proc, run_dir
 
 

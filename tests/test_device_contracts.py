@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 import part1_classify
 import part2_segment
 import runfiles
-from conftest import assert_one_line_error, make_fashion_set, run_script
+from conftest import assert_one_line_error, make_fashion_set, run_in_process
 from errors import UserError
 
 SYN_P2 = ["--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "0", "3"]
@@ -136,8 +136,8 @@ def test_precision_flags_on_resume_repeat_the_checkpoints_or_stop_in_one_line(fm
                 part1("--resume", last, *other)
         assert not (run_dir / "results.json").exists()
     # the same refusal from the command line: one line, exit code 2
-    proc = run_script("part1_classify.py", "--resume", str(root / "half-bf16/checkpoints/last.pt"),
-                      "--no-amp")  # fmt: skip
+    last_bf16 = str(root / "half-bf16/checkpoints/last.pt")
+    proc = run_in_process("part1_classify.py", "--resume", last_bf16, "--no-amp")
     assert_one_line_error(proc, mentions="precision")
     part1("--resume", root / "half-fp32/checkpoints/last.pt", "--no-amp")
     assert runfiles.read_json(root / "half-fp32/results.json")["checkpoint_epoch"] >= 1

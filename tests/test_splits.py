@@ -14,7 +14,7 @@ from PIL import Image
 import datasets
 import runfiles
 import splits
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process
 from utils import UserError
 
 
@@ -141,10 +141,10 @@ def test_images_show_the_crops_period(real_groups):
 # ----------------------------------------------------------------------------- the flag
 def test_part2_trains_and_validates_on_the_grouped_split(facade_root, tmp_path):
     run = tmp_path / "grouped"
-    proc = run_script("part2_segment.py", "--data", str(facade_root), "--split", "grouped",
-                      "--model", "unet", "--width", "4", "--epochs", "1", "--max-steps", "1",
-                      "--test-range", "0", "1", "--val-ap-every", "0", "--no-progress",
-                      "--output-dir", str(run))  # fmt: skip
+    proc = run_in_process("part2_segment.py", "--data", str(facade_root), "--split", "grouped",
+                          "--model", "unet", "--width", "4", "--epochs", "1", "--max-steps", "1",
+                          "--test-range", "0", "1", "--val-ap-every", "0", "--no-progress",
+                          "--output-dir", str(run))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     train, val = splits.facade_split("grouped")
     assert runfiles.read_json(run / "args.json")["split"] == "grouped"
@@ -152,7 +152,7 @@ def test_part2_trains_and_validates_on_the_grouped_split(facade_root, tmp_path):
 
 
 def test_the_grouped_split_refuses_ranges_in_one_line(tmp_path):
-    proc = run_script("part2_segment.py", "--data", str(tmp_path), "--split", "grouped",
-                      "--val-range", "800", "899", "--output-dir", str(tmp_path / "x"))  # fmt: skip
+    flags = ["--split", "grouped", "--val-range", "800", "899", "--output-dir", tmp_path / "x"]
+    proc = run_in_process("part2_segment.py", "--data", tmp_path, *flags)
     assert_one_line_error(proc, mentions="--split grouped")
     assert not (tmp_path / "x").exists()
