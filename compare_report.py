@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -206,16 +207,33 @@ def plot_curves(groups: list[Group], quantity: str, ylabel: str, path: Path) -> 
     return True
 
 
+def contrast_labels(groups: list[dict]) -> list[str]:
+    """Per group, the arguments in which it differs from the value most groups share (a legend
+    of many groups reads better so than by the arguments that set all of them apart)."""
+    common = {}
+    for key in groups[0]["differs"] if groups else ():
+        values = [json.dumps(g["differs"].get(key), sort_keys=True) for g in groups]
+        value, count = Counter(values).most_common(1)[0]  # ties: the first group's value
+        common[key] = value if count > 1 else None  # no value shared: every group names it
+    labels = []
+    for g in groups:
+        own = [f"{k}={format_value(v)}" for k, v in g["differs"].items()
+               if json.dumps(v, sort_keys=True) != common.get(k)]  # fmt: skip
+        label = " ".join(own) or "the recipe most groups share"
+        labels.append(label if len(label) <= 70 else label[:69] + "…")
+    return labels
+
+
 def frontier_points(summary: dict, spec: SimpleNamespace) -> list[tuple]:
     """(label, mean TFLOP of training + validation, headline mean, its std or 0, n) for each
     group that recorded its compute; eval-only groups trained nothing and are left out."""
     points = []
-    for g in summary["groups"]:
+    for g, label in zip(summary["groups"], contrast_labels(summary["groups"])):
         compute = [g["metrics"][m]["mean"] for m in spec.compute]
         headline = g["metrics"][spec.headline]
         if g["eval_only"] or not compute or None in compute or headline["mean"] is None:
             continue
-        points.append((g["label"], sum(compute), headline["mean"], headline["std"] or 0, g["n"]))
+        points.append((label, sum(compute), headline["mean"], headline["std"] or 0, g["n"]))
     return points
 
 
@@ -230,7 +248,8 @@ def plot_frontier(summary: dict, spec: SimpleNamespace, path: Path) -> bool:
         ax.errorbar(tflop, mean, yerr=std, fmt="o", capsize=3, color=f"C{k % 10}",
                     label=f"{label} (n={n})")  # fmt: skip
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(report._plt().ScalarFormatter())  # 100, not 10^2
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(report._plt().ScalarFormatter())  # 100, 200, not 10^2, 2 x 10^2
     ax.set(xlabel="training + validation compute (TFLOP, log scale)",
            ylabel=f"test {TITLES[spec.headline]}", title="Compute against result")  # fmt: skip
     ax.grid(alpha=0.3, which="both")

@@ -591,6 +591,18 @@ def test_the_frontier_plots_each_groups_mean_and_std_against_its_compute(tmp_pat
         (95.0, pytest.approx(0.72), pytest.approx(np.std([0.70, 0.74], ddof=1)), 2),
         (560.0, pytest.approx(0.80), 0, 1),
     ]
+    assert [label for label, *_ in got] == ["lr=0.1", "lr=0.2"]  # no lr shared: each names it
     assert "Compute against result" in (out / "compare.html").read_text()
     part1 = make_run(tmp_path / "p1", seed=0)
     assert "frontier" not in compare.compare_runs([part1], tmp_path / "out1")["figures"]
+
+
+def test_frontier_labels_name_what_sets_a_group_apart_from_the_most_common_recipe():
+    recipes = [(0.1, 0.9), (0.1, None), (0.2, 0.9), (0.1, 0.9)]
+    groups = [{"differs": {"lr": lr, "ema": ema}} for lr, ema in recipes]
+    assert compare_report.contrast_labels(groups) == [
+        "the recipe most groups share",
+        "ema=-",
+        "lr=0.2",
+        "the recipe most groups share",
+    ]
