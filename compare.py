@@ -15,7 +15,6 @@ compare.json and the curve PNGs into a new output folder.
 from __future__ import annotations
 
 import csv
-import json
 import textwrap
 from collections import Counter
 from datetime import datetime
@@ -31,6 +30,7 @@ import utils
 from compare_report import (
     Group,
     Run,
+    canonical,
     format_value,
     number,
     plot_curves,
@@ -190,10 +190,6 @@ def identity(run: Run) -> dict:
     an --eval-only folder does not record its checkpoint's)."""
     trained = {} if run.epochs_trained is None else {"epochs_trained": run.epochs_trained}
     return recipe_of(run.args) | trained
-
-
-def canonical(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 def short_label(recipe: dict, keys: list[str]) -> str:

@@ -76,6 +76,11 @@ def format_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def canonical(value) -> str:
+    """A value as comparable text: equal values, equal text (dict order aside)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def fmt(name: str, value: float | None) -> str:
     return "–" if value is None else FORMATS.get(name, "{:.4f}").format(value)
 
@@ -212,13 +217,13 @@ def contrast_labels(groups: list[dict]) -> list[str]:
     of many groups reads better so than by the arguments that set all of them apart)."""
     common = {}
     for key in groups[0]["differs"] if groups else ():
-        values = [json.dumps(g["differs"].get(key), sort_keys=True) for g in groups]
+        values = [canonical(g["differs"].get(key)) for g in groups]
         value, count = Counter(values).most_common(1)[0]  # ties: the first group's value
         common[key] = value if count > 1 else None  # no value shared: every group names it
     labels = []
     for g in groups:
         own = [f"{k}={format_value(v)}" for k, v in g["differs"].items()
-               if json.dumps(v, sort_keys=True) != common.get(k)]  # fmt: skip
+               if canonical(v) != common.get(k)]  # fmt: skip
         label = " ".join(own) or "the recipe most groups share"
         labels.append(label if len(label) <= 70 else label[:69] + "…")
     return labels

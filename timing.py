@@ -17,11 +17,9 @@ import torch
 import allocator
 import datasets
 import engine
-import hardware
 import losses
 import models
 import optimizers
-import settings
 import utils
 
 
@@ -137,12 +135,31 @@ def allocator_variant(part: int, mode: str, device: str, steps: int) -> dict:
     return {"part": part, "allocator": mode} | json.loads(proc.stdout.splitlines()[-1])
 
 
+class UsageWindow:
+    """The process's CPU times and minor page faults over a ``with`` block (``ours_train``'s
+    ``profiler``: the timed steps, after the warm-up)."""
+
+    def __enter__(self):
+        self.before = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc):
+        self.after = resource.getrusage(resource.RUSAGE_SELF)
+
+    def record(self) -> dict:
+        user = self.after.ru_utime - self.before.ru_utime
+        kernel = self.after.ru_stime - self.before.ru_stime
+        return {
+            "kernel_share": kernel / max(user + kernel, 1e-9),
+            "minor_faults": self.after.ru_minflt - self.before.ru_minflt,
+            "peak_rss_mib": self.after.ru_maxrss / 1024,
+        }
+
+
 def print_allocator_probe(part: str, mode: str, device: str, steps: str) -> None:
     line = allocator.keep_freed_memory() if mode == "kept" else ALLOCATOR_MODES[mode]
     name, batch, shape, classes = PROBES[int(part)]
-    effective = settings.settle(hardware.read_hardware(), device=device, model=name,
-                                allocator=line)  # fmt: skip
-    rt = utils.setup_runtime(effective, progress=False)
+    rt = utils.settled_runtime(device=device, model=name, allocator=line, progress=False)
     g = torch.Generator().manual_seed(0)
     count = batch * (int(steps) + 2)
     images = torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=g)
@@ -152,21 +169,10 @@ def print_allocator_probe(part: str, mode: str, device: str, steps: str) -> None
     mean, std = datasets.channel_stats(images)
     loader = datasets.TensorLoader(images.to(rt.device), labels.to(rt.device), batch,
                                    mean=mean, std=std, train=True)  # fmt: skip
-    net, _ = utils.prepare_model(models.build_model(name, num_classes=classes), rt)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sched = optimizers.build_scheduler(opt, "constant", int(steps) + 2)
-    loss_fn = losses.CrossEntropy()
-    engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=2)  # the heap grows
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    result = engine.train_one_epoch(net, loader, loss_fn, opt, sched, rt, 0, max_steps=int(steps))
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    user, kernel = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-    print(json.dumps({
-        "images_per_s": result["images_per_s"],
-        "kernel_share": kernel / max(user + kernel, 1e-9),
-        "minor_faults": after.ru_minflt - before.ru_minflt,
-        "peak_rss_mib": after.ru_maxrss / 1024,
-    }))  # fmt: skip
+    window = UsageWindow()  # the heap grows in ours_train's warm-up steps, outside the window
+    rate = ours_train(models.build_model(name, num_classes=classes), loader, rt, int(steps),
+                      profiler=window)  # fmt: skip
+    print(json.dumps({"images_per_s": rate} | window.record()))
 
 
 def format_allocator(rows: list[dict]) -> str:

@@ -175,9 +175,11 @@ def setup_runtime(
 def settled_runtime(hw: hardware.Hardware | None = None, *, threads=None, progress=True,
                     **flags) -> Runtime:  # fmt: skip
     """``settings.settle`` then ``setup_runtime``: for entry points whose flags need no
-    checkpoint rules (predict, the benchmark, tests)."""
+    checkpoint rules (predict, the benchmark, tests). ``allocator`` in ``flags``: what the
+    process's allocator is, for a caller that left it as it was (else freed memory is kept)."""
     hw = hw or hardware.read_hardware()
-    effective = settings.settle(hw, allocator=allocator.keep_freed_memory(), **flags)
+    flags["allocator"] = flags.get("allocator") or allocator.keep_freed_memory()
+    effective = settings.settle(hw, **flags)
     return setup_runtime(effective, threads=threads, progress=progress, hw=hw)
 
 
