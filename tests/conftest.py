@@ -26,10 +26,15 @@ torch.set_num_threads(2)
 
 import allocator  # noqa: E402  (needs the repo on sys.path)
 import datasets  # noqa: E402
+import ranks  # noqa: E402
 import utils  # noqa: E402
 
 # As the scripts do at start-up: the in-process tests allocate like training loops too.
 allocator.keep_freed_memory()
+
+
+def pytest_sessionfinish(session):
+    ranks.stop_forkserver()  # reaped here, so that a timed suite counts the forked ranks
 
 
 # ----------------------------------------------------------------------------- real data

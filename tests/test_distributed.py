@@ -1,9 +1,11 @@
-"""torchrun (2 gloo processes on the CPU) against one process, and bf16 AMP on the CPU."""
+"""Two gloo ranks on the CPU against one process, and bf16 AMP on the CPU. torchrun itself runs
+Part 1's DDP training and the tests of how a failing rank ends the job; the other tests fork their
+ranks from a warm process with torchrun's environment (ranks.py): the same script, run as its
+``__main__``, without importing torch three times per test."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ import part1_classify
 import part2_segment
 import runfiles
 from conftest import HANG_GUARD_S, REPO, make_fashion_set
+from ranks import run_ranks
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # the synthetic facade set's train / val / test images
@@ -31,15 +34,25 @@ def torchrun(script: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def run_on_two_ranks(tmp_path, name: str, body: str) -> subprocess.CompletedProcess:
+def two_ranks(script: str, *args: str) -> None:
+    """``torchrun`` with forked ranks (ranks.py)."""
+    proc = run_ranks(script, *args, "--threads", "1", "--no-progress", timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def run_on_two_ranks(
+    tmp_path, name: str, body: str, launch=run_ranks
+) -> subprocess.CompletedProcess:
     """``body`` (the code of a ``main(args)`` that may use torch, dist and utils) run by
-    utils.run_cli on two gloo ranks under torchrun."""
+    utils.run_cli on two gloo ranks, forked (ranks.py) or under torchrun (``launch=None``)."""
     script = tmp_path / f"{name}.py"
     script.write_text(
         f"import argparse, atexit, sys\nsys.path.insert(0, {str(REPO)!r})\n"
         "import torch\nimport torch.distributed as dist\nimport utils\n\n"
         f"{body}\nutils.run_cli(main, argparse.ArgumentParser())\n"
     )
+    if launch is not None:
+        return launch(script, timeout=HANG_GUARD_S)
     return subprocess.run(
         [*TORCHRUN, str(script)], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
@@ -102,9 +115,9 @@ def test_part1_resume_under_torchrun(part1_runs, tmp_path):
     base, common = part1_runs
     run = tmp_path / "resumed"
     ddp = ["part1_classify.py", *common, "--batch-size", "100"]
-    torchrun(*ddp, "--output-dir", str(run), "--stop-after-epochs", "1")
+    two_ranks(*ddp, "--output-dir", str(run), "--stop-after-epochs", "1")
     assert len(runfiles.read_csv(run / "metrics.csv")) == 1
-    torchrun(*ddp, "--resume", str(run / "checkpoints" / "last.pt"))
+    two_ranks(*ddp, "--resume", str(run / "checkpoints" / "last.pt"))
     resumed, straight = (
         runfiles.read_csv(run / "metrics.csv"),
         runfiles.read_csv(base / "ddp" / "metrics.csv"),
@@ -123,7 +136,7 @@ def test_part2_ddp_matches_single_process(synthetic_facade, tmp_path):
     common = ["--data", str(synthetic_facade), *flags]
     # the 2 processes also compute their batches one image at a time (DDP reduces once per batch)
     ddp_flags = ["--batch-size", "2", "--micro-batch", "1", "--output-dir", str(tmp_path / "ddp")]
-    torchrun("part2_segment.py", *common, *ddp_flags)
+    two_ranks("part2_segment.py", *common, *ddp_flags)
     part2(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "single"), "--threads", "2")
     ddp_rows, single_rows = (
         runfiles.read_csv(tmp_path / "ddp" / "metrics.csv"),
@@ -179,9 +192,8 @@ def test_user_error_on_one_rank_ends_every_rank(tmp_path):
 def test_sync_bn_on_cpu_is_a_clear_error(make_fashion_root, tmp_path):
     root = make_fashion_root(tmp_path / "fm")
     flags = "--no-download --model fashion_net --sync-bn".split()
-    proc = torchrun_proc(
-        "part1_classify.py", "--data-root", str(root), *flags, "--output-dir", str(tmp_path / "r")
-    )
+    proc = run_ranks("part1_classify.py", "--data-root", root, *flags, "--threads", "1",
+                     "--no-progress", "--output-dir", tmp_path / "r")  # fmt: skip
     assert proc.returncode != 0
     assert any(line.startswith("error: --sync-bn needs CUDA") for line in proc.stderr.splitlines())
     assert not (tmp_path / "r").exists()
@@ -196,7 +208,7 @@ def test_empty_shard_and_time_limit_under_torchrun(synthetic_facade, tmp_path):
         " --model unet --width 4 --crop 32"
     )
     common = ["--data", str(synthetic_facade), *flags.split()]
-    torchrun("part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "d"))
+    two_ranks("part2_segment.py", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "d"))
     part2(*common, "--batch-size", "4", "--output-dir", str(tmp_path / "s"), "--threads", "2")
     ddp, single = (runfiles.read_csv(tmp_path / n / "metrics.csv") for n in ("d", "s"))
     assert len(ddp) == len(single) == 1
@@ -223,6 +235,7 @@ def test_any_exception_on_one_rank_ends_that_rank_through_os_exit(tmp_path):
         "    if rt.rank == 1:\n"
         "        raise RuntimeError('boom on rank 1')\n"
         "    dist.barrier()  # waits for rank 1, which never comes\n",
+        launch=None,  # torchrun's own ending of the job
     )
     assert proc.returncode != 0
     assert proc.stderr.count("RuntimeError: boom on rank 1") == 1, proc.stderr[-3000:]
@@ -255,11 +268,10 @@ def run_with_hardware(tmp_path, per_rank: list[dict]) -> subprocess.CompletedPro
     script = tmp_path / "fake_hardware.py"
     script.write_text(FAKE_HARDWARE.format(repo=str(REPO)))
     data = make_fashion_set(tmp_path / "fm", n_train=60, n_test=20)
-    env = {**os.environ, "FAKE_HARDWARE": json.dumps(per_rank), "RECORD": str(tmp_path / "rank")}
+    env = {"FAKE_HARDWARE": json.dumps(per_rank), "RECORD": str(tmp_path / "rank")}
     argv = ["--data-root", str(data), "--no-download", "--batch-size", "16", "--epochs", "1",
             "--output-dir", str(tmp_path / "run"), "--threads", "1", "--no-progress"]  # fmt: skip
-    return subprocess.run([*TORCHRUN, str(script), *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=HANG_GUARD_S, env=env)  # fmt: skip
+    return run_ranks(script, *argv, env=env, timeout=HANG_GUARD_S)
 
 
 def test_rank_0_decides_the_settings_and_every_rank_follows(tmp_path):

@@ -22,7 +22,7 @@ import part1_classify
 import part2_segment
 import runfiles
 import utils
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 
 SYN_P2 = ["--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "0", "3"]
 
@@ -95,8 +95,9 @@ def test_bad_flag_is_one_line_at_parse_time(script, argv, flag, capsys):
 
 
 def test_bad_flag_subprocess_writes_nothing(tmp_path):
-    for argv in (["--batch-size", "-5"], ["--epochs", "0"]):
-        proc = run_script("part1_classify.py", *argv, "--output-dir", str(tmp_path / "run"))
+    """One real start of the script, then the same check in-process (run_in_process)."""
+    for run, argv in ((run_script, ["--batch-size", "-5"]), (run_in_process, ["--epochs", "0"])):
+        proc = run("part1_classify.py", *argv, "--output-dir", str(tmp_path / "run"))
         assert_one_line_error(proc, mentions=argv[0])
         assert not (tmp_path / "run").exists()
 
