@@ -15,6 +15,7 @@ the same reason; a user of these scripts need not set ``LD_PRELOAD``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 # mallopt parameters, from glibc's <malloc.h>.
@@ -31,10 +32,27 @@ def glibc():
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         libc.gnu_get_libc_version()
-        libc.mallopt  # noqa: B018  (present in every glibc; checked before it is called)
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (in every glibc; checked before use)
     except (OSError, AttributeError):  # musl and others: no gnu_get_libc_version
         return None
     return libc
+
+
+def release_freed(libc=None) -> None:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim``): with freed
+    memory kept, what a finished phase freed stays resident otherwise. The next allocations touch
+    those pages afresh, once. Elsewhere (not glibc): nothing."""
+    libc = libc or glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def release_start_up_memory() -> None:
+    """``release_freed`` once per process, before the first training epoch: what the start-up
+    freed (the data's decoding and normalisation) is not needed again. Once: a process that
+    trains many times (the test suite) would otherwise fault its whole heap in again each time."""
+    release_freed()
 
 
 def keep_freed_memory(libc=None) -> str:

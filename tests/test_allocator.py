@@ -4,18 +4,22 @@ glibc, applied first at start-up and recorded; elsewhere nothing changes."""
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import allocator
+import part1_classify
+import timing
 import utils
-from conftest import REPO
+from conftest import REPO, make_fashion_set
 
 STEPS = """import resource, sys, torch
 sys.path.insert(0, {repo!r})
-import allocator, models
+import allocator, models, timing
 torch.set_num_threads(1)
 if sys.argv[1] == "kept":
     allocator.keep_freed_memory()
@@ -34,7 +38,8 @@ for _ in range(2):  # the first steps grow the heap either way
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(usage.ru_minflt - before, timing.peak_rss_mib(usage))
 """
 
 
@@ -42,14 +47,20 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_training_steps_reuse_freed_memory_instead_of_mapping_it_again():
     """Page faults of four training steps: by default glibc maps each large activation afresh
     and the kernel zeroes its pages (about 75,000 faults a step here); with freed memory kept,
-    the steps reuse the same pages."""
-    faults = {}
+    the steps reuse the same pages. Each process reports its own peak memory although this
+    one is larger when it starts them (Linux's ru_maxrss would report this one's)."""
+    ballast = torch.ones(512 * 2**20)  # 2 GiB resident here while the probes start
+    here = timing.peak_rss_mib(resource.getrusage(resource.RUSAGE_SELF))
+    faults, peaks = {}, {}
     for mode in ("default", "kept"):
         proc = subprocess.run([sys.executable, "-c", STEPS.format(repo=str(REPO)), mode],
                               capture_output=True, text=True, check=True)  # fmt: skip
-        faults[mode] = int(proc.stdout.split()[-1])
+        count, peak = proc.stdout.split()[-2:]
+        faults[mode], peaks[mode] = int(count), float(peak)
+    del ballast
     assert faults["default"] > 4 * 20_000, faults
     assert faults["kept"] < faults["default"] / 10, faults
+    assert 100 < max(peaks.values()) < here - 1024, (peaks, here)
 
 
 def test_the_setting_is_applied_before_the_arguments_are_read(monkeypatch):
@@ -74,6 +85,10 @@ class StandInLibc:
         self.calls.append((param, value))
         return self.answer
 
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim", pad))
+        return 1
+
 
 def test_glibc_is_told_no_mmap_per_block_and_no_trim():
     libc = StandInLibc(1)
@@ -90,3 +105,23 @@ def test_a_platform_without_glibc_runs_unchanged(monkeypatch):
     assert allocator.keep_freed_memory() == "allocator: the C library's defaults (not glibc)"
     rt = utils.settled_runtime(device="cpu")  # the rest of the start-up is as before
     assert rt.settings.allocator == "allocator: the C library's defaults (not glibc)"
+
+
+def test_training_starts_with_the_start_ups_freed_memory_given_back(monkeypatch, tmp_path):
+    """malloc_trim(0) once per process, before the first epoch (the data's decoding
+    temporaries), none per step, phase or later run; a platform without glibc is not touched."""
+    libc = StandInLibc(1)
+    allocator.release_freed(libc)
+    assert libc.calls == [("trim", 0)]
+    monkeypatch.setattr(sys, "platform", "darwin")
+    allocator.release_freed()  # no C library to call: nothing happens
+    monkeypatch.undo()
+    trims = []
+    monkeypatch.setattr(allocator, "release_freed", lambda: trims.append(len(trims)))
+    allocator.release_start_up_memory.cache_clear()  # as in a fresh process
+    data = make_fashion_set(tmp_path / "fm", n_train=60, n_test=20)
+    for run in ("a", "b"):  # two trainings in one process: one trim
+        part1_classify.main(part1_classify.get_args_parser().parse_args(
+            ["--data-root", str(data), "--no-download", "--epochs", "2", "--batch-size", "16",
+             "--output-dir", str(tmp_path / run), "--no-progress"]))  # fmt: skip
+    assert trims == [0]
