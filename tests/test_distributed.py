@@ -23,39 +23,45 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 P2_RANGES = "--train-range 0 7 --val-range 8 10 --test-range 0 2".split()
 
 
-def torchrun(script: str, *args: str) -> None:
-    proc = subprocess.run(
-        [*TORCHRUN, script, *args, "--threads", "1", "--no-progress"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+# the scripts' flags for a rank: one thread each (two ranks share the 2-core CPU), no bars
+RANK_FLAGS = ["--threads", "1", "--no-progress"]
+
+
+def torchrun_proc(script, *args: str) -> subprocess.CompletedProcess:
+    """``script args`` on two gloo ranks under torchrun itself."""
+    return subprocess.run([*TORCHRUN, str(script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=HANG_GUARD_S)  # fmt: skip
+
+
+def forked_proc(script, *args: str) -> subprocess.CompletedProcess:
+    """The same, each rank forked from a warm process with torchrun's environment (ranks.py)."""
+    return run_ranks(script, *args, timeout=HANG_GUARD_S)
+
+
+def assert_finished(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def torchrun(script: str, *args: str) -> None:
+    assert_finished(torchrun_proc(script, *args, *RANK_FLAGS))
 
 
 def two_ranks(script: str, *args: str) -> None:
-    """``torchrun`` with forked ranks (ranks.py)."""
-    proc = run_ranks(script, *args, "--threads", "1", "--no-progress", timeout=HANG_GUARD_S)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert_finished(forked_proc(script, *args, *RANK_FLAGS))
 
 
 def run_on_two_ranks(
-    tmp_path, name: str, body: str, launch=run_ranks
+    tmp_path, name: str, body: str, launch=forked_proc
 ) -> subprocess.CompletedProcess:
     """``body`` (the code of a ``main(args)`` that may use torch, dist and utils) run by
-    utils.run_cli on two gloo ranks, forked (ranks.py) or under torchrun (``launch=None``)."""
+    utils.run_cli on two gloo ranks, forked or under torchrun (``launch=torchrun_proc``)."""
     script = tmp_path / f"{name}.py"
     script.write_text(
         f"import argparse, atexit, sys\nsys.path.insert(0, {str(REPO)!r})\n"
         "import torch\nimport torch.distributed as dist\nimport utils\n\n"
         f"{body}\nutils.run_cli(main, argparse.ArgumentParser())\n"
     )
-    if launch is not None:
-        return launch(script, timeout=HANG_GUARD_S)
-    return subprocess.run(
-        [*TORCHRUN, str(script)], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
-    )
+    return launch(script)
 
 
 def part1(*args: str) -> dict:
@@ -166,22 +172,12 @@ def test_bf16_amp_on_cpu(fashion_root, synthetic_facade, tmp_path):
     assert 0 < r2["mean_ap"] <= 1
 
 
-def torchrun_proc(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*TORCHRUN, script, *args, "--threads", "1", "--no-progress"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
-
-
 def test_user_error_on_one_rank_ends_every_rank(tmp_path):
     """Rank 0 alone looks for the data (the other rank waits at a barrier): its one-line error
     must end the whole job, with the error's exit code, instead of leaving rank 1 hanging."""
     data, run = str(tmp_path / "absent"), str(tmp_path / "run")
     proc = torchrun_proc(
-        "part1_classify.py", "--data-root", data, "--no-download", "--output-dir", run
+        "part1_classify.py", "--data-root", data, "--no-download", "--output-dir", run, *RANK_FLAGS
     )
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -192,8 +188,8 @@ def test_user_error_on_one_rank_ends_every_rank(tmp_path):
 def test_sync_bn_on_cpu_is_a_clear_error(make_fashion_root, tmp_path):
     root = make_fashion_root(tmp_path / "fm")
     flags = "--no-download --model fashion_net --sync-bn".split()
-    proc = run_ranks("part1_classify.py", "--data-root", root, *flags, "--threads", "1",
-                     "--no-progress", "--output-dir", tmp_path / "r")  # fmt: skip
+    proc = forked_proc("part1_classify.py", "--data-root", str(root), *flags, *RANK_FLAGS,
+                       "--output-dir", str(tmp_path / "r"))  # fmt: skip
     assert proc.returncode != 0
     assert any(line.startswith("error: --sync-bn needs CUDA") for line in proc.stderr.splitlines())
     assert not (tmp_path / "r").exists()
@@ -235,7 +231,7 @@ def test_any_exception_on_one_rank_ends_that_rank_through_os_exit(tmp_path):
         "    if rt.rank == 1:\n"
         "        raise RuntimeError('boom on rank 1')\n"
         "    dist.barrier()  # waits for rank 1, which never comes\n",
-        launch=None,  # torchrun's own ending of the job
+        launch=torchrun_proc,  # torchrun's own ending of the job
     )
     assert proc.returncode != 0
     assert proc.stderr.count("RuntimeError: boom on rank 1") == 1, proc.stderr[-3000:]
@@ -264,13 +260,13 @@ NO_BF16 = {"cpu_bf16_units": False, "onednn_avx512": False}
 
 
 def run_with_hardware(tmp_path, per_rank: list[dict]) -> subprocess.CompletedProcess:
-    """Part 1 under torchrun, each rank seeing the hardware facts given for it."""
+    """Part 1 on two forked ranks (ranks.py), each seeing the hardware facts given for it."""
     script = tmp_path / "fake_hardware.py"
     script.write_text(FAKE_HARDWARE.format(repo=str(REPO)))
     data = make_fashion_set(tmp_path / "fm", n_train=60, n_test=20)
     env = {"FAKE_HARDWARE": json.dumps(per_rank), "RECORD": str(tmp_path / "rank")}
     argv = ["--data-root", str(data), "--no-download", "--batch-size", "16", "--epochs", "1",
-            "--output-dir", str(tmp_path / "run"), "--threads", "1", "--no-progress"]  # fmt: skip
+            "--output-dir", str(tmp_path / "run"), *RANK_FLAGS]  # fmt: skip
     return run_ranks(script, *argv, env=env, timeout=HANG_GUARD_S)
 
 
