@@ -296,7 +296,7 @@ def main(args) -> dict:
     profile = profile_part2(args, kind, *part2_train) if args.profile else []
     kept = "kept" if allocator.glibc() else "default"  # what the scripts run with here
     allocators = [
-        timing.allocator_variant(part, mode, kind, max(2, int(4 * scale)))
+        timing.allocator_variant(part, mode, kind, max(8, int(8 * scale)), torch.get_num_threads())
         | {"default": mode == kept}
         for part in args.parts
         for mode in timing.ALLOCATOR_MODES

@@ -124,12 +124,12 @@ ALLOCATOR_MODES = {"default": "the C library's defaults", "kept": "freed memory 
 PROBES = {1: ("sigmoid_cnn", 500, (1, 28, 28), 10), 2: ("facade_fcn", 8, (3, 256, 256), 5)}
 
 
-def allocator_variant(part: int, mode: str, device: str, steps: int) -> dict:
+def allocator_variant(part: int, mode: str, device: str, steps: int, threads: int) -> dict:
     """The part's reference model trained ``steps`` steps on random data of the real shape
     with the policy's settings, in a fresh process whose allocator is ``mode``: images/s, the
     kernel's share of the CPU time and the minor page faults of those steps, peak memory."""
     code = "import sys, timing; timing.print_allocator_probe(*sys.argv[1:])"
-    args = [str(part), mode, device, str(steps)]
+    args = [str(part), mode, device, str(steps), str(threads)]
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=Path(__file__).parent,
                           capture_output=True, text=True, check=True)  # fmt: skip
     return {"part": part, "allocator": mode} | json.loads(proc.stdout.splitlines()[-1])
@@ -168,10 +168,11 @@ def peak_rss_mib(usage) -> float:
     return usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes there
 
 
-def print_allocator_probe(part: str, mode: str, device: str, steps: str) -> None:
+def print_allocator_probe(part: str, mode: str, device: str, steps: str, threads: str) -> None:
     line = allocator.keep_freed_memory() if mode == "kept" else ALLOCATOR_MODES[mode]
     name, batch, shape, classes = PROBES[int(part)]
-    rt = utils.settled_runtime(device=device, model=name, allocator=line, progress=False)
+    rt = utils.settled_runtime(device=device, model=name, allocator=line, progress=False,
+                               threads=int(threads))  # fmt: skip
     g = torch.Generator().manual_seed(0)
     count = batch * (int(steps) + 2)
     images = torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=g)
@@ -181,7 +182,9 @@ def print_allocator_probe(part: str, mode: str, device: str, steps: str) -> None
     mean, std = datasets.channel_stats(images)
     loader = datasets.TensorLoader(images.to(rt.device), labels.to(rt.device), batch,
                                    mean=mean, std=std, train=True)  # fmt: skip
-    window = UsageWindow()  # the heap grows in ours_train's warm-up steps, outside the window
+    # The heap grows in ours_train's warm-up steps, outside the window, and now and then once
+    # more by one activation (~10,000 faults) later on: enough steps that this is small.
+    window = UsageWindow()
     rate = ours_train(models.build_model(name, num_classes=classes), loader, rt, int(steps),
                       profiler=window)  # fmt: skip
     print(json.dumps({"images_per_s": rate} | window.record()))
