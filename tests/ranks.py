@@ -25,7 +25,11 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PRELOAD = ["torch", "torch.distributed", "utils", "part1_classify", "part2_segment", "ranks"]
+# What every rank imports, once here instead of in each rank: torch.optim's first optimizer
+# imports torch._dynamo (sympy, triton), the reports matplotlib, sklearn and torchvision.
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "matplotlib.pyplot", "sklearn.metrics",
+           "torchvision.utils", "torchvision.datasets", "utils", "part1_classify", "part2_segment",
+           "report", "ranks"]  # fmt: skip
 
 
 @functools.cache
