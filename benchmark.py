@@ -142,7 +142,8 @@ def bench_part1(args, device: str, variants, scale: float, peaks: dict) -> list[
         rt = timing.runtime(device, amp, channels_last, micro)
         on = images.to(rt.device), labels.to(rt.device)
         train_loader = datasets.TensorLoader(*on, 500, mean=mean, std=std, train=True)
-        eval_loader = datasets.TensorLoader(*on, 2000, mean=mean, std=std, train=False)
+        eval_batch = 2000 if rt.device.type == "cuda" else 500  # the script's default
+        eval_loader = datasets.TensorLoader(*on, eval_batch, mean=mean, std=std, train=False)
         name = variant_name(amp, channels_last, compile_model, micro)
         peak = peaks.get(amp or "fp32")
         torch.manual_seed(0)
