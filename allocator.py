@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from pathlib import Path
 
 # mallopt parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -69,3 +70,17 @@ def keep_freed_memory(libc=None) -> str:
         "allocator: glibc keeps freed memory for reuse (no mmap per block, no heap trim): "
         "measured faster, the kernel no longer zeroes pages at every step"
     )
+
+
+def peak_rss_mib(usage) -> float:
+    """The process's peak resident memory: /proc's VmHWM where there is one, since Linux's
+    ru_maxrss of a process started from a larger one counts the parent's pages at the fork
+    (every probe of the benchmark read the benchmark's own 4.5 GB); else ``usage.ru_maxrss``
+    (a ``resource.getrusage`` result). Here, beside the allocator's setting, because it needs
+    no torch: a test's probe process reads it without importing torch."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes there

@@ -152,20 +152,8 @@ class UsageWindow:
         return {
             "kernel_share": kernel / max(user + kernel, 1e-9),
             "minor_faults": self.after.ru_minflt - self.before.ru_minflt,
-            "peak_rss_mib": peak_rss_mib(self.after),
+            "peak_rss_mib": allocator.peak_rss_mib(self.after),
         }
-
-
-def peak_rss_mib(usage) -> float:
-    """The process's peak resident memory: /proc's VmHWM where there is one, since Linux's
-    ru_maxrss of a process started from a larger one counts the parent's pages at the fork
-    (every probe of the benchmark read the benchmark's own 4.5 GB); else ``usage.ru_maxrss``."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)  # bytes there
 
 
 def print_allocator_probe(part: str, mode: str, device: str, steps: str, threads: str) -> None:

@@ -9,58 +9,34 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import allocator
 import part1_classify
-import timing
 import utils
 from conftest import REPO, make_fashion_set
 
-STEPS = """import resource, sys, torch
+# A bare interpreter (no torch): its own peak is a few MiB, whatever started it.
+PEAK = """import resource, sys
 sys.path.insert(0, {repo!r})
-import allocator, models, timing
-torch.set_num_threads(1)
-if sys.argv[1] == "kept":
-    allocator.keep_freed_memory()
-torch.manual_seed(0)
-net = models.build_model("sigmoid_cnn", num_classes=10)
-opt = torch.optim.Adam(net.parameters())
-x, y = torch.randn(500, 1, 28, 28), torch.randint(0, 10, (500,))
-
-def step():  # Part 1's training step in fp32, at its batch of 500
-    opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(net(x), y).backward()
-    opt.step()
-
-for _ in range(2):  # the first steps grow the heap either way
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    step()
+import allocator
 usage = resource.getrusage(resource.RUSAGE_SELF)
-print(usage.ru_minflt - before, timing.peak_rss_mib(usage))
+print(allocator.peak_rss_mib(usage), usage.ru_maxrss / 1024)
 """
 
 
-@pytest.mark.skipif(allocator.glibc() is None, reason="the C library is not glibc")
-def test_training_steps_reuse_freed_memory_instead_of_mapping_it_again():
-    """Page faults of four training steps: by default glibc maps each large activation afresh
-    and the kernel zeroes its pages (about 75,000 faults a step here); with freed memory kept,
-    the steps reuse the same pages. Each process reports its own peak memory although this
-    one is larger when it starts them (Linux's ru_maxrss would report this one's)."""
-    ballast = torch.ones(512 * 2**20)  # 2 GiB resident here while the probes start
-    here = timing.peak_rss_mib(resource.getrusage(resource.RUSAGE_SELF))
-    faults, peaks = {}, {}
-    for mode in ("default", "kept"):
-        proc = subprocess.run([sys.executable, "-c", STEPS.format(repo=str(REPO)), mode],
-                              capture_output=True, text=True, check=True)  # fmt: skip
-        count, peak = proc.stdout.split()[-2:]
-        faults[mode], peaks[mode] = int(count), float(peak)
-    del ballast
-    assert faults["default"] > 4 * 20_000, faults
-    assert faults["kept"] < faults["default"] / 10, faults
-    assert 100 < max(peaks.values()) < here - 1024, (peaks, here)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and ru_maxrss")
+def test_a_process_started_from_a_larger_one_reads_its_own_peak():
+    """The benchmark's allocator probes (each a fresh process started by the far larger
+    benchmark) report their own peak memory: Linux's ru_maxrss of such a process counts the
+    parent's pages at the fork, /proc's VmHWM does not. That the probes' steps reuse freed
+    memory instead of mapping it again is measured and checked by the benchmark's own test."""
+    here = allocator.peak_rss_mib(resource.getrusage(resource.RUSAGE_SELF))
+    proc = subprocess.run([sys.executable, "-c", PEAK.format(repo=str(REPO))],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    own, maxrss = map(float, proc.stdout.split())
+    assert here > 300, here  # this process has imported torch: far larger than the probe
+    assert maxrss > 0.9 * here, (maxrss, here)  # the reading the benchmark once used
+    assert 1 < own < 100, own
 
 
 def test_the_setting_is_applied_before_the_arguments_are_read(monkeypatch):

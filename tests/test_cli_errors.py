@@ -1,6 +1,6 @@
 """Command-line error behaviour: exit 2, one 'error:' line, no traceback, and (Part 2) no run
 folder left behind. Most run in this process as the scripts' ``__main__`` does (run_in_process);
-one per entry point runs as a real subprocess (run_script)."""
+one per entry point runs as a real subprocess (run_script; Part 1's is in test_trust.py)."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_part1_rejects_segmentation_checkpoint(tmp_path, make_fashion_root):
 
 def test_part1_report_only_not_a_run(tmp_path):
     (tmp_path / "empty_run").mkdir()
-    proc = run_script("part1_classify.py", "--report-only", str(tmp_path / "empty_run"))
+    proc = run_in_process("part1_classify.py", "--report-only", str(tmp_path / "empty_run"))
     assert_one_line_error(proc, mentions="results.json")
 
 

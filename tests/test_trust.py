@@ -238,7 +238,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, fm_root):
     with pytest.raises(utils.UserError, match="refusing"):
         runfiles.load_checkpoint(evil)
     data, out = str(fm_root), str(tmp_path / "out")
-    proc = run_script(
+    proc = run_in_process(
         "part1_classify.py", "--eval-only", str(evil), "--data-root", data, "--output-dir", out
     )
     assert_one_line_error(proc, mentions="evil.pt")
