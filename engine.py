@@ -377,6 +377,7 @@ def fit(
             break
     if not final:  # --stop-after-epochs ended this invocation: no selection, no test yet
         return None
+    allocator.release_training_memory()  # once: the test and the figures allocate afresh
     load_best_weights(model_without_ddp, best_weights, run_dir, rt)
     tested = {
         "checkpoint": str(run_dir / "checkpoints" / "best.pt"),

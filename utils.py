@@ -37,7 +37,8 @@ def run_cli(main: Callable, parser, argv=None) -> None:
     its traceback and code 1; torchrun then stops the others), a finished one after
     cleanup_runtime's barrier. A normal interpreter exit could hang in, or abort from, gloo's
     teardown ("terminate called without an active exception", seen in a CI run after every
-    output had been written). The C library's allocator is set up first (allocator.py)."""
+    output had been written). The C library's allocator is set up first, and what the run freed
+goes back to the kernel before the exit (allocator.py)."""
     allocator.keep_freed_memory()
     args = parser.parse_args(argv)
     code = 0
@@ -58,6 +59,7 @@ def run_cli(main: Callable, parser, argv=None) -> None:
             raise
         traceback.print_exc()
         code = 1
+    allocator.release_before_exit()
     if launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -40,8 +40,10 @@ def test_a_process_started_from_a_larger_one_reads_its_own_peak():
 
 
 def test_the_setting_is_applied_before_the_arguments_are_read(monkeypatch):
+    """... and the run's freed memory goes back once its work is done, before the exit."""
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("allocator"))
+    monkeypatch.setattr(allocator, "release_before_exit", lambda: calls.append("release"))
 
     class Parser(argparse.ArgumentParser):
         def parse_args(self, argv=None):
@@ -50,7 +52,7 @@ def test_the_setting_is_applied_before_the_arguments_are_read(monkeypatch):
 
     with pytest.raises(SystemExit) as done:
         utils.run_cli(lambda args: calls.append("main"), Parser(), [])
-    assert done.value.code == 0 and calls == ["allocator", "arguments", "main"]
+    assert done.value.code == 0 and calls == ["allocator", "arguments", "main", "release"]
 
 
 class StandInLibc:
@@ -83,21 +85,26 @@ def test_a_platform_without_glibc_runs_unchanged(monkeypatch):
     assert rt.settings.allocator == "allocator: the C library's defaults (not glibc)"
 
 
-def test_training_starts_with_the_start_ups_freed_memory_given_back(monkeypatch, tmp_path):
-    """malloc_trim(0) once per process, before the first epoch (the data's decoding
-    temporaries), none per step, phase or later run; a platform without glibc is not touched."""
+def test_training_gives_freed_memory_back_before_the_first_and_after_the_last_epoch(
+    monkeypatch, tmp_path
+):
+    """malloc_trim(0) once per process before the first epoch (the data's decoding
+    temporaries) and once after the last (the training steps' activations, before the test and
+    the figures), none per step, phase or later run; a platform without glibc is not touched."""
     libc = StandInLibc(1)
     allocator.release_freed(libc)
     assert libc.calls == [("trim", 0)]
     monkeypatch.setattr(sys, "platform", "darwin")
     allocator.release_freed()  # no C library to call: nothing happens
     monkeypatch.undo()
-    trims = []
-    monkeypatch.setattr(allocator, "release_freed", lambda: trims.append(len(trims)))
+    trims = []  # for each trim: had the first run saved its last epoch's checkpoint yet?
+    last = tmp_path / "a" / "checkpoints" / "last.pt"
+    monkeypatch.setattr(allocator, "release_freed", lambda: trims.append(last.exists()))
     allocator.release_start_up_memory.cache_clear()  # as in a fresh process
+    allocator.release_training_memory.cache_clear()
     data = make_fashion_set(tmp_path / "fm", n_train=60, n_test=20)
-    for run in ("a", "b"):  # two trainings in one process: one trim
+    for run in ("a", "b"):  # two trainings in one process: one trim of each kind
         part1_classify.main(part1_classify.get_args_parser().parse_args(
             ["--data-root", str(data), "--no-download", "--epochs", "2", "--batch-size", "16",
              "--output-dir", str(tmp_path / run), "--no-progress"]))  # fmt: skip
-    assert trims == [0]
+    assert trims == [False, True]
