@@ -38,7 +38,7 @@ def run_cli(main: Callable, parser, argv=None) -> None:
     cleanup_runtime's barrier. A normal interpreter exit could hang in, or abort from, gloo's
     teardown ("terminate called without an active exception", seen in a CI run after every
     output had been written). The C library's allocator is set up first, and what the run freed
-goes back to the kernel before the exit (allocator.py)."""
+    goes back to the kernel before the exit (allocator.py)."""
     allocator.keep_freed_memory()
     args = parser.parse_args(argv)
     code = 0
