@@ -49,28 +49,14 @@ def release_freed(libc=None) -> None:
 
 
 @functools.cache
-def release_start_up_memory() -> None:
-    """``release_freed`` once per process, before the first training epoch: what the start-up
-    freed (the data's decoding and normalisation) is not needed again. Once: a process that
-    trains many times (the test suite) would otherwise fault its whole heap in again each time."""
-    release_freed()
-
-
-@functools.cache
-def release_training_memory() -> None:
-    """``release_freed`` once per process, after the last epoch: the training steps' freed
-    activations would otherwise stay resident under the test evaluation and the figures, which
-    then grow the heap past them (Part 1, 2 epochs: peak 1.24 -> 1.19 GB, docs/speed.md).
-    Once, as at start-up: the test suite trains many times in one process."""
-    release_freed()
-
-
-@functools.cache
-def release_before_exit() -> None:
-    """``release_freed`` once per process, when the command's work is done: torch's libraries
-    touch about 118 MB of new pages in their C++ exit handlers (``import torch`` alone: peak
-    540 -> 659 MB at exit), above the run's peak when the heap still holds what the run freed.
-    Once, as at start-up: the test suite runs many command lines in one process."""
+def release_once(moment: str) -> None:
+    """``release_freed`` once per process at each ``moment`` of a run, where what was freed is
+    not needed again: "start-up", before the first epoch (the data's decoding and
+    normalisation); "training", after the last epoch (the steps' activations, which the test
+    and the figures would otherwise grow the heap past); "exit", when the command's work is
+    done (torch's C++ exit handlers touch ~118 MB of new pages, above the run's peak while the
+    heap still holds what the run freed). Once: a process that trains many times (the test
+    suite) would otherwise fault its whole heap in again each time. docs/speed.md."""
     release_freed()
 
 

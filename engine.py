@@ -331,7 +331,7 @@ def fit(
     # The start-up's temporaries (data decoding, normalisation) were freed into the kept heap:
     # back to the kernel once, so that they do not stay resident under training. Not per phase:
     # that cost Part 1 a fifth of its epoch time in page faults (docs/speed.md).
-    allocator.release_start_up_memory()
+    allocator.release_once("start-up")
     best_weights, started = None, time.perf_counter()
     for epoch in range(start_epoch, last_epoch + 1):
         train_loader.set_epoch(epoch)
@@ -377,7 +377,7 @@ def fit(
             break
     if not final:  # --stop-after-epochs ended this invocation: no selection, no test yet
         return None
-    allocator.release_training_memory()  # once: the test and the figures allocate afresh
+    allocator.release_once("training")  # the test and the figures allocate afresh
     load_best_weights(model_without_ddp, best_weights, run_dir, rt)
     tested = {
         "checkpoint": str(run_dir / "checkpoints" / "best.pt"),

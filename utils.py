@@ -59,7 +59,7 @@ def run_cli(main: Callable, parser, argv=None) -> None:
             raise
         traceback.print_exc()
         code = 1
-    allocator.release_before_exit()
+    allocator.release_once("exit")
     if launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()

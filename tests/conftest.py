@@ -32,7 +32,7 @@ import utils  # noqa: E402
 # As the scripts do at start-up: the in-process tests allocate like training loops too. This
 # process's start-up ends here: its trainings do not each hand its heap back (engine.fit).
 allocator.keep_freed_memory()
-allocator.release_start_up_memory()
+allocator.release_once("start-up")
 
 
 def pytest_sessionfinish(session):

@@ -43,7 +43,7 @@ def test_the_setting_is_applied_before_the_arguments_are_read(monkeypatch):
     """... and the run's freed memory goes back once its work is done, before the exit."""
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("allocator"))
-    monkeypatch.setattr(allocator, "release_before_exit", lambda: calls.append("release"))
+    monkeypatch.setattr(allocator, "release_once", calls.append)
 
     class Parser(argparse.ArgumentParser):
         def parse_args(self, argv=None):
@@ -52,7 +52,7 @@ def test_the_setting_is_applied_before_the_arguments_are_read(monkeypatch):
 
     with pytest.raises(SystemExit) as done:
         utils.run_cli(lambda args: calls.append("main"), Parser(), [])
-    assert done.value.code == 0 and calls == ["allocator", "arguments", "main", "release"]
+    assert done.value.code == 0 and calls == ["allocator", "arguments", "main", "exit"]
 
 
 class StandInLibc:
@@ -100,8 +100,7 @@ def test_training_gives_freed_memory_back_before_the_first_and_after_the_last_ep
     trims = []  # for each trim: had the first run saved its last epoch's checkpoint yet?
     last = tmp_path / "a" / "checkpoints" / "last.pt"
     monkeypatch.setattr(allocator, "release_freed", lambda: trims.append(last.exists()))
-    allocator.release_start_up_memory.cache_clear()  # as in a fresh process
-    allocator.release_training_memory.cache_clear()
+    allocator.release_once.cache_clear()  # as in a fresh process
     data = make_fashion_set(tmp_path / "fm", n_train=60, n_test=20)
     for run in ("a", "b"):  # two trainings in one process: one trim of each kind
         part1_classify.main(part1_classify.get_args_parser().parse_args(
