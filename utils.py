@@ -59,11 +59,11 @@ def run_cli(main: Callable, parser, argv=None) -> None:
             raise
         traceback.print_exc()
         code = 1
-    allocator.release_once("exit")
     if launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    allocator.release_once("exit")  # before the C++ exit handlers, which os._exit skips
     sys.exit(code)
 
 
