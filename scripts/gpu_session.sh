@@ -4,9 +4,10 @@
 # OUT/runs.tar.gz (no checkpoints). Usage:
 #   bash scripts/gpu_session.sh OUT_DIR DEADLINE_S PARALLEL FACADE_DIR FASHION_DIR [JOBSET]
 # JOBSET: search (seeds and recipe candidates), defaults (reference models, fp32 against
-# bf16 + channels-last, 3 seeds each) or seeds (the full U-Net recipe, then its best epoch
-# tested again with --tta; the seeds defaults lacked; fashion_net). Without MPS, processes time-slice the GPU: more than a
-# few at once slowed each job about 10x here (fashion_net: 17 epochs in 6 minutes).
+# bf16 + channels-last, 3 seeds each), fp16 (the same models in fp16 with a gradient scaler,
+# 3 seeds each) or seeds (the full U-Net recipe, then its best epoch tested again with --tta;
+# the seeds defaults lacked; fashion_net). Without MPS, processes time-slice the GPU: more than
+# a few at once slowed each job about 10x here (fashion_net: 17 epochs in 6 minutes).
 # Timings of jobs that share the GPU are not throughput figures: use benchmark.py for those.
 set -u
 OUT=${1:-outputs/gpu}
@@ -38,6 +39,11 @@ seeds() {  # longest first; one lane for the rest while the three U-Nets run
   echo "p1_sig_fp32_s2|$P1 --seed 2 --time-limit 3"
   for s in 0 1 2; do echo "p1_sig_fast_s$s|$P1 $FAST --seed $s --time-limit 3"; done
   for s in 0 1 2; do echo "p1_fnet_s$s|$P1 --model fashion_net $FAST --seed $s --time-limit 5"; done
+}
+fp16() {  # the reference models in fp16 with a gradient scaler, as GPUs without bf16 would run
+  local fp16="--amp-dtype fp16 --channels-last"
+  for s in 0 1 2; do echo "p2_fcn_fp16_s$s|$P2 $fp16 --seed $s --time-limit 3.5"; done
+  for s in 0 1 2; do echo "p1_sig_fp16_s$s|$P1 $fp16 --seed $s --time-limit 3"; done
 }
 search() {  # name | command; longest first
   for s in 0 1 2; do echo "p2_unet_s$s|$P2 --model unet $FAST --seed $s --time-limit 6.5"; done
