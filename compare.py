@@ -53,7 +53,9 @@ NON_RECIPE_ARGS = frozenset(
     | {"seed", "environment", "effective"}
 )
 # Flags added after older folders were written, at the value with which they train as those did.
-ADDED_LATER = {"val_every": 1, "split": "ranges", "ema": 0.0, "rare_crops": 0.0}
+ADDED_LATER = dict(
+    val_every=1, split="ranges", ema=0.0, rare_crops=0.0, tta_scales=[1.0], eval_on="test"
+)
 LABEL_FIRST = ("model", "lr", "epochs", "epochs_trained", "batch_size")  # named first in labels
 MAX_LABEL_CHARS = 48
 CURVE_COLUMNS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")

@@ -190,17 +190,40 @@ class UNet(nn.Module):
 class FlipAverage(nn.Module):
     """Test-time augmentation: the mean of the scores of each image and of its mirror image
     (segmentation scores are mirrored back first). Both improved recipes train on left-right
-    flips, so the two views err differently; it costs one more forward pass."""
+    flips, so the two views err differently; it costs one more forward pass. ``scales``
+    (segmentation only): the same pair at each scale, the image resized bilinearly to a side
+    that is a multiple of the model's size and the scores resized back; each scale s costs
+    s^2 of a forward pass twice."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, scales: tuple[float, ...] = (1.0,)):
         super().__init__()
         self.model, self.size_multiple = model, getattr(model, "size_multiple", 1)
+        self.scales = tuple(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for scale in self.scales:
+            scores = self.flip_pair(x, scale)
+            total = scores if total is None else total + scores
+        return total / len(self.scales)
+
+    def flip_pair(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        size = x.shape[-2:]
+        if scale != 1:
+            x = F.interpolate(x, size=scaled_size(size, scale, self.size_multiple),
+                              mode="bilinear", align_corners=False)  # fmt: skip
         mirrored = self.model(x.flip(-1))
         if mirrored.dim() == 4:  # (B, C, H, W) scores: per pixel, so mirror them back
             mirrored = mirrored.flip(-1)
-        return (self.model(x) + mirrored) / 2
+        scores = (self.model(x) + mirrored) / 2
+        if scale != 1:
+            scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+        return scores
+
+
+def scaled_size(size, scale: float, multiple: int) -> tuple[int, int]:
+    """Each side times ``scale``, rounded to the nearest multiple of ``multiple`` (at least one)."""
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in size)
 
 
 MODELS = {

@@ -92,12 +92,23 @@ def publish(run_dir: Path, results: dict, log) -> dict:
     return report.finish_run(run_dir, results, report_page(results), NAMES, log)
 
 
+VIEWED_ON = {"test": "test_dev", "val": "the run's validation images (--eval-on val)"}
+
+
+def tta_text(results: dict) -> str:
+    scales = results.get("tta_scales") or [1.0]
+    if not results.get("tta"):
+        return "no"
+    return "yes" if scales == [1.0] else "yes, at scales " + ", ".join(f"{s:g}" for s in scales)
+
+
 def report_page(results: dict) -> report.Page:
     reference_mean = sum(REFERENCE_AP.values()) / NUM_CLASSES
     summary = [
         ("model", results["model"], "resolution-keeping FCN"),
         ("mean AP (raw scores)", f"{results['mean_ap']:.4f}", f"{reference_mean:.3f}"),
-        ("test-time flip", "yes" if results.get("tta") else "no", "no"),
+        ("test-time flip", tta_text(results), "no"),
+        ("tested on", VIEWED_ON[results.get("evaluated_on", "test")], "test_dev"),
         ("mean AP (softmax)", f"{results['mean_ap_softmax']:.4f}", ""),
         ("mIoU", f"{results['miou']:.4f}", ""),
         ("pixel accuracy", f"{results['pixel_accuracy']:.4f}", ""),

@@ -52,6 +52,8 @@ DEFAULTS = {
     "rare_crops": 0.0,
     "val_ap_every": 5,
     "tta": False,
+    "tta_scales": [1.0],
+    "eval_on": "test",
 }
 SELECT = ("val_loss", "min")  # the best epoch: lowest validation loss
 RECIPES = {
@@ -187,6 +189,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         "pass per test image; validation and training are unchanged; default: off)",
     )
     parser.add_argument(
+        "--tta-scales",
+        type=cli.float_in(0.25, 4),
+        nargs="+",
+        metavar="S",
+        help="with --tta: average the image and its mirror at each of these scales, resized "
+        "bilinearly (e.g. 1 1.25; each scale s costs 2 s^2 forward passes; the selected epoch's "
+        "validation records it too; default: 1)",
+    )
+    parser.add_argument(
+        "--eval-on",
+        choices=["test", "val"],
+        help="with --eval-only: test the checkpoint on test_dev (test) or on its run's "
+        "validation images (val), to choose test-time settings such as --tta-scales on "
+        "validation (default: test)",
+    )
+    parser.add_argument(
         "--val-ap-every",
         type=cli.NONNEG_INT,
         metavar="N",
@@ -221,6 +239,9 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
     names = ("test",) if args.eval_only else ("train", "val", "test")
     indices = split_indices(args, names)
     folders = {"train": root / "train", "val": root / "train", "test": root / "test_dev"}
+    if args.eval_only and args.eval_on == "val":  # the run's validation images take test's place
+        indices["test"] = split_indices(args, ("train", "val"))["val"]
+        folders["test"] = folders["val"]
     splits = {}
     for name in names:
         images, labels = datasets.load_facade_images(folders[name], indices[name], NUM_CLASSES)
@@ -293,6 +314,10 @@ def main(args) -> dict:
         raise utils.UserError("--split grouped chooses the training and validation images: "
                               "give no --train-range or --val-range with it")  # fmt: skip
     ckpt = cli.resolve(args, task=TASK, defaults=DEFAULTS, recipes=RECIPES)
+    if args.tta_scales != [1.0] and not args.tta:
+        raise utils.UserError("--tta-scales sets the scales of --tta: give --tta with it")
+    if args.eval_on != "test" and not args.eval_only:
+        raise utils.UserError("--eval-on chooses what --eval-only tests: give --eval-only CKPT")
     net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
     splits_exactly = args.loss == "ce" and not models.has_batch_norm(args.model, **net_kwargs)
     rt = cli.runtime(args, ckpt, batch_splits=splits_exactly)
@@ -312,6 +337,8 @@ def main(args) -> dict:
     sizes = " / ".join(f"{len(splits[s][0])} {s}" for s in ("train", "val", "test"))
     log.info("model %s: %d parameters, %.1f GFLOP per %dx%d image; %s images", args.model,
              models.count_parameters(net), flops / 1e9, w, h, sizes)  # fmt: skip
+    if args.eval_on == "val":
+        log.info("--eval-on val: the 'test' numbers below are the run's validation images")
     if args.eval_only:
         model_without_ddp.load_state_dict(ckpt["model"])
         tested = {"checkpoint": str(args.eval_only), "checkpoint_epoch": ckpt["epoch"]}
@@ -323,10 +350,13 @@ def main(args) -> dict:
                                   splits, (run_dir, log, meta, ckpt), compute)  # fmt: skip
         if tested is None:
             return runfiles.stop_invocation(args, rt, run_dir, log)
+    views = tta_passes(args.tta_scales) if args.tta else 1
     tested |= {"model": args.model, "gflops_per_image": flops / 1e9, "tta": args.tta,
+               "tta_scales": args.tta_scales, "evaluated_on": args.eval_on,
                "image_size": [int(h), int(w)], "normalization": normalization,
-               "test_tflop": (1 + args.tta) * len(splits["test"][0]) * flops / 1e12}  # fmt: skip
-    tested_model = models.FlipAverage(model_without_ddp) if args.tta else model_without_ddp
+               "test_tflop": views * len(splits["test"][0]) * flops / 1e12}  # fmt: skip
+    tested_model = (models.FlipAverage(model_without_ddp, args.tta_scales) if args.tta
+                    else model_without_ddp)  # fmt: skip
     results = engine.evaluate(tested_model, test_loader, losses.CrossEntropy(), rt,
                               PixelScores(NUM_CLASSES), desc="test")  # fmt: skip
     if rt.is_main:  # rank 0 alone draws the prediction figure, with the unwrapped model
@@ -352,20 +382,28 @@ def train_and_select(args, rt, nets, loaders, splits, run, compute) -> dict | No
                         flops=(compute["train"], compute["val"]))  # fmt: skip
     if tested is None or not len(splits["val"][0]):
         return tested
-    if "val_tflop" in tested:  # the two passes below: plain, and flipped (2 forwards)
-        tested["val_tflop"] += 3 * len(splits["val"][0]) * compute["val"] / 1e12
+    if "val_tflop" in tested:  # the two passes below: plain, and the test-time views
+        passes = 1 + tta_passes(args.tta_scales)
+        tested["val_tflop"] += passes * len(splits["val"][0]) * compute["val"] / 1e12
     tested |= engine.validate_both_views(
         model_without_ddp,
-        models.FlipAverage(model_without_ddp),
+        models.FlipAverage(model_without_ddp, args.tta_scales),
         loaders[1],
         loss_fn,
         rt,
         lambda: PixelScores(NUM_CLASSES, False),
         "mean_ap",
     )
-    log.info("validation mean AP of the selected epoch: %.4f, with flips %.4f",
-             tested["val_mean_ap"], tested["val_mean_ap_tta"])  # fmt: skip
+    scales = "" if args.tta_scales == [1.0] else f" at scales {args.tta_scales}"
+    log.info("validation mean AP of the selected epoch: %.4f, with flips%s %.4f",
+             tested["val_mean_ap"], scales, tested["val_mean_ap_tta"])  # fmt: skip
     return tested
+
+
+def tta_passes(scales) -> float:
+    """Forward passes, in full-size images, of --tta at these scales: an image and its mirror
+    at each scale s, each costing s^2 (convolutions scale with the pixels)."""
+    return 2 * sum(s * s for s in scales)
 
 
 def cli_main(argv=None) -> None:

@@ -53,6 +53,8 @@ FLAGS = {
     "epochs": Rule(True, False, RECIPE, "the schedule's length (only a constant one can grow)"),
     "time_limit": Rule(True, True, IGNORED, "a stop; the epochs it trained count instead"),
     "tta": Rule(True, True, MEASURED, "test-time flips change the test numbers, not training"),
+    "tta_scales": Rule(True, True, MEASURED, "as tta: the scales of its views"),
+    "eval_on": Rule(True, True, MEASURED, "which images --eval-only tests"),
     # Held to the checkpoint's effective precision by settle, not to the flags it was given;
     # compare groups by the effective precision.
     "amp": Rule(True, True, IGNORED, "a resumed run keeps the precision it trained in"),

@@ -562,12 +562,14 @@ def test_a_later_flag_at_its_old_behaviour_groups_with_folders_that_predate_it(t
     assert sorted(len(g.runs) for g in groups) == [1, 2]
 
 
-@pytest.mark.parametrize("flag, old_value", [("split", "ranges"), ("ema", 0.0),
-                                             ("rare_crops", 0.0)])  # fmt: skip
-def test_later_part2_levers_left_off_group_with_older_folders(tmp_path, flag, old_value):
+@pytest.mark.parametrize("flag, old_value, new_value", [
+    ("split", "ranges", "grouped"), ("ema", 0.0, 0.5), ("rare_crops", 0.0, 0.5),
+    ("tta_scales", [1.0], [1.0, 1.25]), ("eval_on", "test", "val"),
+])  # fmt: skip
+def test_later_part2_levers_left_off_group_with_older_folders(tmp_path, flag, old_value, new_value):
     older = make_run(tmp_path / "a", task="segmentation", model="unet", seed=0)
     off = make_run(tmp_path / "b", task="segmentation", model="unet", seed=1, **{flag: old_value})
-    on = make_run(tmp_path / "c", task="segmentation", model="unet", seed=2, **{flag: 0.5})
+    on = make_run(tmp_path / "c", task="segmentation", model="unet", seed=2, **{flag: new_value})
     groups = compare.group_runs(compare.load_runs([older, off, on]))
     assert sorted(len(g.runs) for g in groups) == [1, 2]
 
