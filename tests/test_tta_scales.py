@@ -16,6 +16,7 @@ import runfiles
 from conftest import assert_one_line_error, run_in_process
 
 SYN_ARGS = ["--train-range", "0", "9", "--val-range", "10", "11", "--test-range", "0", "3"]
+
 # fp32, standard layout, every evaluation in one batch: the recomputations below use the very
 # same kernels (oneDNN may round differently for another batch size)
 EXACT = ["--no-amp", "--no-channels-last", "--eval-batch-size", "4"]
