@@ -238,6 +238,26 @@ def synthetic_facade_ro(tmp_path_factory) -> Path:
     return make_facade_set(tmp_path_factory.mktemp("facade_syn_ro"))
 
 
+# The synthetic facade set's ranges: 10 training, 2 validation and 4 test images.
+SYN_ARGS = ["--train-range", "0", "9", "--val-range", "10", "11", "--test-range", "0", "3"]
+
+
+def run_part2(*argv):
+    """part2_segment.main on these arguments, in this process, without progress bars."""
+    import part2_segment  # here, not at start-up: most tests never train a segmenter
+
+    args = part2_segment.get_args_parser().parse_args([*map(str, argv), "--no-progress"])
+    return part2_segment.main(args)
+
+
+def mean_ap_by_hand(scores: np.ndarray, labels: np.ndarray, num_classes: int = 5) -> float:
+    """sklearn's average precision of each class over all pixels, averaged: (N, C) scores."""
+    from sklearn.metrics import average_precision_score
+
+    aps = [average_precision_score(labels == c, scores[:, c]) for c in range(num_classes)]
+    return float(np.mean(aps))
+
+
 # ----------------------------------------------------------------------------- subprocess
 # A hang guard, not a speed limit: the scripts the tests start take seconds (at most about a
 # minute on a 2-core CPU), so only a hung process (say, a rank waiting for one that died) meets it.

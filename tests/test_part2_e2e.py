@@ -19,13 +19,7 @@ import models
 import part2_report
 import part2_segment
 import runfiles
-
-SYN_ARGS = ["--train-range", "0", "9", "--val-range", "10", "11", "--test-range", "0", "3"]
-
-
-def run_part2(*argv):
-    args = part2_segment.get_args_parser().parse_args([*map(str, argv), "--no-progress"])
-    return part2_segment.main(args)
+from conftest import SYN_ARGS, mean_ap_by_hand, run_part2
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +153,6 @@ def _best_scores(run_dir, folder, first, last, checkpoint="best.pt", flip=False)
     return logits.permute(0, 2, 3, 1).reshape(-1, 5).numpy(), labels.reshape(-1).numpy()
 
 
-def _mean_ap(scores, labels):
-    return np.mean([average_precision_score(labels == c, scores[:, c]) for c in range(5)])
-
-
 def test_val_mean_ap_every_n_epochs(part2_run, synthetic_facade_ro):
     """--val-ap-every (default 5) fills val_mean_ap at multiples of N and at the last epoch:
     here only epoch 2 of 2, the AP of last.pt on the validation images (10-11)."""
@@ -170,7 +160,7 @@ def test_val_mean_ap_every_n_epochs(part2_run, synthetic_facade_ro):
     rows = _metrics(run_dir)
     assert rows[0]["val_mean_ap"] == "nan"
     scores, labels = _best_scores(run_dir, synthetic_facade_ro / "train", 10, 11, "last.pt")
-    assert float(rows[1]["val_mean_ap"]) == pytest.approx(_mean_ap(scores, labels), abs=1e-6)
+    assert float(rows[1]["val_mean_ap"]) == pytest.approx(mean_ap_by_hand(scores, labels), abs=1e-6)
 
 
 def test_tta_scores_are_the_mean_of_the_image_and_its_mirror(
@@ -184,7 +174,7 @@ def test_tta_scores_are_the_mean_of_the_image_and_its_mirror(
     res = run_part2("--data", synthetic_facade_ro, *flags)
     scores, labels = _best_scores(run_dir, synthetic_facade_ro / "test_dev", 0, 3, flip=True)
     assert res["tta"] is True
-    assert res["mean_ap"] == pytest.approx(_mean_ap(scores, labels), abs=1e-6)
+    assert res["mean_ap"] == pytest.approx(mean_ap_by_hand(scores, labels), abs=1e-6)
     plain = runfiles.read_json(run_dir / "results.json")
     assert plain["tta"] is False and abs(plain["mean_ap"] - res["mean_ap"]) > 1e-6
 
@@ -336,7 +326,7 @@ def test_a_time_limit_stop_computes_the_validation_ap_of_its_last_epoch(
     run_part2("--data", synthetic_facade_ro, *flags, "--output-dir", run)
     (row,) = _metrics(run)
     scores, labels = _best_scores(run, synthetic_facade_ro / "train", 10, 11, "last.pt")
-    assert float(row["val_mean_ap"]) == pytest.approx(_mean_ap(scores, labels), abs=1e-6)
+    assert float(row["val_mean_ap"]) == pytest.approx(mean_ap_by_hand(scores, labels), abs=1e-6)
 
 
 def test_selected_epoch_is_scored_on_validation_with_and_without_flips(
@@ -348,7 +338,7 @@ def test_selected_epoch_is_scored_on_validation_with_and_without_flips(
     res = runfiles.read_json(run_dir / "results.json")
     for flip, key in ((False, "val_mean_ap"), (True, "val_mean_ap_tta")):
         scores, labels = _best_scores(run_dir, synthetic_facade_ro / "train", 10, 11, flip=flip)
-        assert res[key] == pytest.approx(_mean_ap(scores, labels), abs=1e-6), key
+        assert res[key] == pytest.approx(mean_ap_by_hand(scores, labels), abs=1e-6), key
     assert res["val_mean_ap"] != res["val_mean_ap_tta"]
 
 

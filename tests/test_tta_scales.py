@@ -3,29 +3,19 @@ images (--eval-on val), the way to choose test-time settings without the test se
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import average_precision_score
 
 import datasets
 import models
-import part2_segment
 import runfiles
-from conftest import assert_one_line_error, run_in_process
-
-SYN_ARGS = ["--train-range", "0", "9", "--val-range", "10", "11", "--test-range", "0", "3"]
+from conftest import SYN_ARGS, assert_one_line_error, mean_ap_by_hand, run_in_process, run_part2
 
 # fp32, standard layout, every evaluation in one batch: the recomputations below use the very
 # same kernels (oneDNN may round differently for another batch size)
 EXACT = ["--no-amp", "--no-channels-last", "--eval-batch-size", "4"]
 SCALES = [1.0, 1.5]
-
-
-def run_part2(*argv):
-    args = part2_segment.get_args_parser().parse_args([*map(str, argv), "--no-progress"])
-    return part2_segment.main(args)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +50,6 @@ def _scores(run_dir, folder, first, last, scales=None):
     return logits.permute(0, 2, 3, 1).reshape(-1, 5).numpy(), labels.reshape(-1).numpy()
 
 
-def _mean_ap(scores, labels):
-    return np.mean([average_precision_score(labels == c, scores[:, c]) for c in range(5)])
-
-
 def test_scaled_size_rounds_each_side_to_the_model_multiple():
     assert models.scaled_size((256, 256), 1.25, 16) == (320, 320)
     assert models.scaled_size((256, 192), 0.75, 16) == (192, 144)
@@ -88,9 +74,9 @@ def test_validation_and_test_use_the_scaled_views(scaled_run, synthetic_facade_r
     res = runfiles.read_json(scaled_run / "results.json")
     assert res["tta"] is True and res["tta_scales"] == SCALES and res["evaluated_on"] == "test"
     val = _scores(scaled_run, synthetic_facade_ro / "train", 10, 11, SCALES)
-    assert res["val_mean_ap_tta"] == pytest.approx(_mean_ap(*val), abs=1e-6)
+    assert res["val_mean_ap_tta"] == pytest.approx(mean_ap_by_hand(*val), abs=1e-6)
     test = _scores(scaled_run, synthetic_facade_ro / "test_dev", 0, 3, SCALES)
-    assert res["mean_ap"] == pytest.approx(_mean_ap(*test), abs=1e-6)
+    assert res["mean_ap"] == pytest.approx(mean_ap_by_hand(*test), abs=1e-6)
     image = res["gflops_per_image"] / 1e3  # TFLOP of one 32 x 32 forward pass
     assert res["test_tflop"] == pytest.approx(4 * 2 * (1 + 1.5**2) * image, rel=1e-6)
     epochs_val = 2 * 2 * image  # 2 validation images in each of 2 epochs
