@@ -250,6 +250,23 @@ def run_part2(*argv):
     return part2_segment.main(args)
 
 
+def checkpoint_scores(run_dir, folder, first, last, checkpoint="best.pt", views=None):
+    """(N*H*W, 5) scores of a run's checkpoint on images first..last of ``folder``, computed
+    here from the saved weights and normalisation in one batch (as the runs evaluate these
+    images: the same kernels), and the labels. ``views(net, x)``: test-time views instead of
+    the plain forward pass."""
+    ckpt = torch.load(Path(run_dir) / "checkpoints" / checkpoint, map_location="cpu",
+                      weights_only=False)  # fmt: skip
+    import models  # here, as part2_segment above
+
+    net = models.from_checkpoint(ckpt).eval()
+    images, labels = datasets.load_facade_split(folder, first, last)
+    x = datasets.normalize(images, **ckpt["normalization"])
+    with torch.no_grad():
+        logits = net(x) if views is None else views(net, x)
+    return logits.permute(0, 2, 3, 1).reshape(-1, 5).numpy(), labels.reshape(-1).numpy()
+
+
 def mean_ap_by_hand(scores: np.ndarray, labels: np.ndarray, num_classes: int = 5) -> float:
     """sklearn's average precision of each class over all pixels, averaged: (N, C) scores."""
     from sklearn.metrics import average_precision_score

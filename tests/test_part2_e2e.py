@@ -19,7 +19,7 @@ import models
 import part2_report
 import part2_segment
 import runfiles
-from conftest import SYN_ARGS, mean_ap_by_hand, run_part2
+from conftest import SYN_ARGS, checkpoint_scores, mean_ap_by_hand, run_part2
 
 
 @pytest.fixture(scope="module")
@@ -140,17 +140,9 @@ def test_eval_only_and_report_only(part2_run, synthetic_facade_ro, tmp_path):
 
 
 def _best_scores(run_dir, folder, first, last, checkpoint="best.pt", flip=False):
-    """(N*H*W, 5) scores of a checkpoint on images first..last of ``folder``, computed here from
-    the saved weights and normalisation, and the labels."""
-    ckpt = torch.load(run_dir / "checkpoints" / checkpoint, map_location="cpu", weights_only=False)
-    net = models.from_checkpoint(ckpt).eval()
-    images, labels = datasets.load_facade_split(folder, first, last)
-    x = datasets.normalize(images, **ckpt["normalization"])
-    with torch.no_grad():
-        logits = net(x)  # one batch, as the run evaluates these images: the same kernels
-        if flip:
-            logits = (logits + net(x.flip(-1)).flip(-1)) / 2
-    return logits.permute(0, 2, 3, 1).reshape(-1, 5).numpy(), labels.reshape(-1).numpy()
+    """checkpoint_scores, plain or the mean of each image and its mirror."""
+    views = (lambda net, x: (net(x) + net(x.flip(-1)).flip(-1)) / 2) if flip else None
+    return checkpoint_scores(run_dir, folder, first, last, checkpoint, views)
 
 
 def test_val_mean_ap_every_n_epochs(part2_run, synthetic_facade_ro):

@@ -3,14 +3,22 @@ images (--eval-on val), the way to choose test-time settings without the test se
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import datasets
 import models
 import runfiles
-from conftest import SYN_ARGS, assert_one_line_error, mean_ap_by_hand, run_in_process, run_part2
+from conftest import (
+    SYN_ARGS,
+    assert_one_line_error,
+    checkpoint_scores,
+    mean_ap_by_hand,
+    run_in_process,
+    run_part2,
+)
 
 # fp32, standard layout, every evaluation in one batch: the recomputations below use the very
 # same kernels (oneDNN may round differently for another batch size)
@@ -38,16 +46,10 @@ def _views_by_hand(net, x, scales):
     return total / len(scales)
 
 
-def _scores(run_dir, folder, first, last, scales=None):
-    """(N*H*W, 5) scores of best.pt on images first..last of ``folder`` (plain, or the test-time
-    views at ``scales``) and the labels."""
-    ckpt = torch.load(run_dir / "checkpoints/best.pt", map_location="cpu", weights_only=False)
-    net = models.from_checkpoint(ckpt).eval()
-    images, labels = datasets.load_facade_split(folder, first, last)
-    x = datasets.normalize(images, **ckpt["normalization"])
-    with torch.no_grad():
-        logits = net(x) if scales is None else _views_by_hand(net, x, scales)
-    return logits.permute(0, 2, 3, 1).reshape(-1, 5).numpy(), labels.reshape(-1).numpy()
+def _scores(run_dir, folder, first, last, scales):
+    """checkpoint_scores of best.pt with the test-time views at ``scales``."""
+    views = functools.partial(_views_by_hand, scales=scales)
+    return checkpoint_scores(run_dir, folder, first, last, views=views)
 
 
 def test_scaled_size_rounds_each_side_to_the_model_multiple():
