@@ -21,8 +21,6 @@ import functools
 import sys
 from pathlib import Path
 
-import torch
-
 import augment
 import cli
 import datasets
@@ -159,9 +157,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--loss",
-        choices=["ce", "weighted_ce_dice"],
+        choices=["ce", "weighted_ce_dice", "bce"],
         help="ce = cross-entropy; weighted_ce_dice = class-balanced cross-entropy "
-        "+ soft Dice (default: per model)",
+        "+ soft Dice; bce = one binary cross-entropy per class on its own score (one "
+        "versus the rest, as per-class AP ranks pixels) (default: per model)",
     )
     parser.add_argument(
         "--width", type=cli.POSITIVE_INT, metavar="C", help="U-Net base width (default: 32)"
@@ -270,17 +269,6 @@ def split_indices(args, names) -> dict[str, list[int]]:
     return indices
 
 
-def make_loss(name: str, train_labels: torch.Tensor) -> losses.CrossEntropy:
-    if name == "ce":
-        return losses.CrossEntropy()
-    counts = torch.bincount(train_labels.flatten().long(), minlength=NUM_CLASSES).tolist()
-    # Inverse square-root frequency, mean 1: lifts rare pillars and balconies, spares the facade
-    # (in Python's doubles on the host: MPS has no fp64)
-    weights = [max(c, 1) ** -0.5 for c in counts]
-    weights = torch.tensor([w * len(weights) / sum(weights) for w in weights])
-    return losses.CrossEntropyDice(weights, NUM_CLASSES)
-
-
 def build_loaders(args, rt: utils.Runtime, splits: dict, ckpt: dict | None):
     """(train, val, test) loaders and the normalisation: the training split's mean and std, or
     the checkpoint's."""
@@ -319,7 +307,8 @@ def main(args) -> dict:
     if args.eval_on != "test" and not args.eval_only:
         raise utils.UserError("--eval-on chooses what --eval-only tests: give --eval-only CKPT")
     net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
-    splits_exactly = args.loss == "ce" and not models.has_batch_norm(args.model, **net_kwargs)
+    plain_mean = args.loss != "weighted_ce_dice"  # a mean over pixels: batches split exactly
+    splits_exactly = plain_mean and not models.has_batch_norm(args.model, **net_kwargs)
     rt = cli.runtime(args, ckpt, batch_splits=splits_exactly)
     net = models.build_model(args.model, **net_kwargs)
     if args.crop % net.size_multiple:
@@ -376,7 +365,7 @@ def train_and_select(args, rt, nets, loaders, splits, run, compute) -> dict | No
     """engine.fit, then the selected epoch on validation as it is and with flips (what decides
     --tta); None where --stop-after-epochs ended this invocation early."""
     model_without_ddp, (run_dir, log, meta, ckpt) = nets[1], run
-    loss_fn = make_loss(args.loss, splits["train"][1])
+    loss_fn = losses.segmentation_loss(args.loss, splits["train"][1], NUM_CLASSES)
     tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
                         select=SELECT, ap_every=args.val_ap_every,
                         flops=(compute["train"], compute["val"]))  # fmt: skip

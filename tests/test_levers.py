@@ -1,6 +1,6 @@
-"""The Part 2 recipe levers: the weight average (--ema) and crops holding rare classes
-(--rare-crops): their arithmetic, and that a run with them stops, resumes and tests the network
-it selected."""
+"""The Part 2 recipe levers: the weight average (--ema), crops holding rare classes
+(--rare-crops) and the one-versus-rest loss (--loss bce): their arithmetic, and that a run with
+them stops, resumes and tests the network it selected."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import augment
+import losses
 import models
 import part2_segment
 import runfiles
+from conftest import checkpoint_scores
 from ema import WeightAverage
 from errors import UserError
 
@@ -140,3 +142,36 @@ def test_a_full_resolution_branch_needs_a_downsampled_unet(synthetic_facade_ro):
         part2(*base, "--model", "unet", "--fine-width", 4)
     with pytest.raises(UserError, match="unet only"):
         part2(*base, "--model", "facade_fcn", "--fine-width", 4)
+
+
+def test_one_vs_rest_is_a_binary_cross_entropy_per_class_that_sees_a_shared_offset():
+    torch.manual_seed(0)
+    logits, y = 3 * torch.randn(2, 5, 3, 4), torch.randint(0, 5, (2, 3, 4))
+    loss_fn = losses.OneVsRest(5)
+    z, onehot = logits.double(), torch.nn.functional.one_hot(y, 5).movedim(-1, 1).double()
+    p = torch.sigmoid(z)
+    by_hand = -(onehot * p.log() + (1 - onehot) * (1 - p).log()).sum(1).mean()
+    assert loss_fn(logits, y).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    from_sums = loss_fn.value(loss_fn.sums(logits, y).tolist())
+    assert from_sums == pytest.approx(by_hand.item(), rel=1e-5)
+    # The same offset added to every class's score of a pixel: softmax cross-entropy is blind to
+    # it (so its raw scores need not rank pixels across the image); this loss is not.
+    shifted = logits + 2 * torch.randn(2, 1, 3, 4)
+    ce = losses.CrossEntropy()
+    assert ce(shifted, y).item() == pytest.approx(ce(logits, y).item(), rel=1e-5)
+    assert abs(loss_fn(shifted, y).item() - by_hand.item()) > 0.1
+
+
+def test_a_one_vs_rest_run_selects_its_epoch_on_its_own_loss(synthetic_facade_ro, tmp_path):
+    out = tmp_path / "bce"
+    res = part2("--data", synthetic_facade_ro, *SYN_P2, *UNET, "--loss", "bce", "--epochs", "2",
+                "--batch-size", "4", "--no-progress", "--output-dir", out)  # fmt: skip
+    assert runfiles.read_json(out / "args.json")["loss"] == "bce"
+    scores, labels = checkpoint_scores(out, synthetic_facade_ro / "train", 8, 10)
+    # one row per pixel: (pixels, 5, 1) scores and (pixels, 1) labels, the same mean
+    val_loss = losses.OneVsRest(5)(torch.from_numpy(scores)[..., None],
+                                   torch.from_numpy(labels).long()[:, None])  # fmt: skip
+    rows = runfiles.read_csv(out / "metrics.csv")
+    chosen = min(rows, key=lambda r: float(r["val_loss"]))
+    assert res["checkpoint_epoch"] == int(chosen["epoch"])
+    assert float(chosen["val_loss"]) == pytest.approx(val_loss.item(), rel=1e-4)

@@ -301,7 +301,8 @@ def test_validation_loss_independent_of_batching():
     net = models.build_model("unet", num_classes=5, width=4, depth=2).eval()
     rt = utils.Runtime(device=torch.device("cpu"), progress=False)
     values = []
-    for loss_fn in (losses.CrossEntropyDice(weight, 5), losses.CrossEntropy(label_smoothing=0.1)):
+    ce_smooth = losses.CrossEntropy(label_smoothing=0.1)
+    for loss_fn in (losses.CrossEntropyDice(weight, 5), ce_smooth, losses.OneVsRest(5)):
         for batch in (1, 2, 3, 7):
             loader = datasets.TensorLoader(
                 images, labels, batch, mean=[0.5] * 3, std=[0.25] * 3, train=False
