@@ -54,7 +54,13 @@ NON_RECIPE_ARGS = frozenset(
 )
 # Flags added after older folders were written, at the value with which they train as those did.
 ADDED_LATER = dict(
-    val_every=1, split="ranges", ema=0.0, rare_crops=0.0, tta_scales=[1.0], eval_on="test"
+    val_every=1,
+    split="ranges",
+    ema=0.0,
+    rare_crops=0.0,
+    tta_scales=[1.0],
+    eval_on="test",
+    z_loss=0.0,
 )
 LABEL_FIRST = ("model", "lr", "epochs", "epochs_trained", "batch_size")  # named first in labels
 MAX_LABEL_CHARS = 48

@@ -97,8 +97,39 @@ class OneVsRest:
         return sums[0] / max(sums[1], 1e-12)
 
 
-def segmentation_loss(name: str, train_labels: torch.Tensor, num_classes: int):
-    """Part 2's --loss by name; the class weights come from the training labels' pixel counts."""
+class WithZLoss:
+    """A loss plus ``weight`` x the mean square of each pixel's log-sum-exp of its scores
+    (PaLM's z-loss, Chowdhery et al. 2022). Softmax cross-entropy cannot see an offset shared by
+    all of a pixel's scores; this pins it near zero, so the raw scores approach log-probabilities
+    and rank pixels across the image as their softmax does."""
+
+    def __init__(self, base, weight: float):
+        self.base, self.weight = base, weight
+        self.num_sums, self.splits_exactly = base.num_sums + 2, base.splits_exactly
+
+    def _square_lse(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(logits.float(), dim=1).square()
+
+    def __call__(self, logits, y):
+        return self.base(logits, y) + self.weight * self._square_lse(logits).mean()
+
+    def sums(self, logits, y):
+        square = self._square_lse(logits)
+        count = torch.tensor(float(square.numel()), device=y.device)
+        return torch.cat([self.base.sums(logits, y), torch.stack([square.sum(), count])])
+
+    def value(self, sums):
+        return self.base.value(sums[:-2]) + self.weight * sums[-2] / max(sums[-1], 1e-12)
+
+
+def segmentation_loss(name: str, train_labels: torch.Tensor, num_classes: int, z_loss=0.0):
+    """Part 2's --loss by name (and --z-loss); the class weights come from the training
+    labels' pixel counts."""
+    loss = _named_loss(name, train_labels, num_classes)
+    return WithZLoss(loss, z_loss) if z_loss else loss
+
+
+def _named_loss(name: str, train_labels: torch.Tensor, num_classes: int):
     if name == "ce":
         return CrossEntropy()
     if name == "bce":

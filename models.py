@@ -115,6 +115,30 @@ class FacadeFCN(nn.Module):
         return float32_layer(self.layers[-1], self.layers[:-1](x))
 
 
+class StripPool(nn.Module):
+    """Strip pooling (Hou et al., CVPR 2020): each row and each column averaged to a band, a
+    3-tap conv along the band, the two broadcast back and summed, and a sigmoid gate of the
+    features from them. Long thin structures (a pillar's column, a balcony's row) get context
+    from the whole image height or width for a few FLOPs per pixel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.rows = nn.Sequential(
+            nn.Conv2d(channels, channels, (3, 1), padding=(1, 0), bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.columns = nn.Sequential(
+            nn.Conv2d(channels, channels, (1, 3), padding=(0, 1), bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.gate = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        rows = self.rows(x.mean(dim=3, keepdim=True))  # (B, C, H, 1)
+        columns = self.columns(x.mean(dim=2, keepdim=True))  # (B, C, 1, W)
+        return x * torch.sigmoid(self.gate(F.relu(rows + columns)))
+
+
 class UNet(nn.Module):
     """Improved Part 2 model: U-Net with ``depth`` poolings, BN + ReLU double convs and skip
     connections. (B,3,H,W) -> (B,C,H,W) for H, W divisible by downsample * 2**depth. With
@@ -122,7 +146,8 @@ class UNet(nn.Module):
     resized back bilinearly: about 1/f^2 of the FLOPs, for boundaries drawn at 1/f resolution;
     ``fine_width`` c > 0 then adds a full-resolution branch (a conv of the image, joined with the
     upsampled U-Net features, a conv, the scores) that draws them at full resolution for ~1/6
-    more FLOPs at c = 8 (Fast-SCNN's and EfficientSeg's cheap full-resolution path)."""
+    more FLOPs at c = 8 (Fast-SCNN's and EfficientSeg's cheap full-resolution path).
+    ``strip_pool``: a StripPool gate after each decoder stage."""
 
     def __init__(
         self,
@@ -131,6 +156,7 @@ class UNet(nn.Module):
         depth: int = 4,
         downsample: int = 1,
         fine_width: int = 0,
+        strip_pool: bool = False,
     ):
         super().__init__()
         if fine_width and downsample == 1:
@@ -155,6 +181,9 @@ class UNet(nn.Module):
         self.merge = nn.ModuleList(
             nn.Sequential(conv_bn_relu(2 * chans[i], chans[i]), conv_bn_relu(chans[i], chans[i]))
             for i in reversed(range(depth))
+        )
+        self.context = nn.ModuleList(
+            StripPool(chans[i]) if strip_pool else nn.Identity() for i in reversed(range(depth))
         )
         if fine_width:
             self.fine = conv_bn_relu(3, fine_width)
@@ -182,8 +211,8 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
         x = skips.pop()
-        for up, merge in zip(self.up, self.merge):
-            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        for up, merge, context in zip(self.up, self.merge, self.context):
+            x = context(merge(torch.cat([up(x), skips.pop()], dim=1)))
         return x
 
 
@@ -232,6 +261,12 @@ MODELS = {
     "facade_fcn": (FacadeFCN, "segmentation"),
     "unet": (UNet, "segmentation"),
 }
+
+
+def tta_passes(scales) -> float:
+    """Forward passes, in full-size images, of FlipAverage at these scales: an image and its
+    mirror at each scale s, each costing s^2 (convolutions scale with the pixels)."""
+    return 2 * sum(s * s for s in scales)
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

@@ -48,6 +48,7 @@ DEFAULTS = {
     "crop": 256,
     "crop_scale": [0.6, 1.25],
     "rare_crops": 0.0,
+    "z_loss": 0.0,
     "val_ap_every": 5,
     "tta": False,
     "tta_scales": [1.0],
@@ -163,6 +164,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "versus the rest, as per-class AP ranks pixels) (default: per model)",
     )
     parser.add_argument(
+        "--z-loss",
+        type=cli.NONNEG_FLOAT,
+        metavar="W",
+        help="add W x the mean square of each pixel's log-sum-exp of its scores, which pins the "
+        "offset softmax losses leave free, so raw scores rank pixels as probabilities do "
+        "(default: 0, none)",
+    )
+    parser.add_argument(
         "--width", type=cli.POSITIVE_INT, metavar="C", help="U-Net base width (default: 32)"
     )
     parser.add_argument(
@@ -180,6 +189,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "image, joined with the upsampled U-Net features, a conv) draws the boundaries at full "
         "resolution, e.g. thin pillars; 8 costs ~1/6 more compute at --downsample 2 "
         "(default: 0, none)",
+    )
+    parser.add_argument(
+        "--strip-pool",
+        action=argparse.BooleanOptionalAction,
+        help="a strip-pooling gate after each U-Net decoder stage: every row and column "
+        "averaged gives thin structures (pillars) context from the whole image height or width, "
+        "for ~2%% more compute (default: off)",
     )
     parser.add_argument(
         "--tta",
@@ -214,7 +230,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def model_kwargs(args) -> dict:
-    for flag in ("width", "downsample", "fine_width"):
+    for flag in ("width", "downsample", "fine_width", "strip_pool"):
         if getattr(args, flag) is not None and args.model != "unet":
             raise utils.UserError(
                 f"--{flag.replace('_', '-')} applies to unet only, not {args.model}"
@@ -226,6 +242,8 @@ def model_kwargs(args) -> dict:
     unet = {"width": args.width, "depth": 4, "downsample": args.downsample or 1}
     if args.fine_width:  # only then: checkpoints without the branch read as before
         unet["fine_width"] = args.fine_width
+    if args.strip_pool:  # as the branch
+        unet["strip_pool"] = True
     return {"num_classes": NUM_CLASSES} | (unet if args.model == "unet" else {})
 
 
@@ -236,12 +254,13 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
     if not root.is_dir():
         raise utils.UserError(f"dataset folder not found: {root}")
     names = ("test",) if args.eval_only else ("train", "val", "test")
-    indices = split_indices(args, names)
+    ranges = {name: getattr(args, f"{name}_range") for name in ("train", "val", "test")}
+    indices = splits.facade_indices({n: ranges[n] for n in names}, args.split)
     folders = {"train": root / "train", "val": root / "train", "test": root / "test_dev"}
     if args.eval_only and args.eval_on == "val":  # the run's validation images take test's place
-        indices["test"] = split_indices(args, ("train", "val"))["val"]
+        indices["test"] = splits.facade_indices(ranges, args.split)["val"]
         folders["test"] = folders["val"]
-    splits = {}
+    data = {}
     for name in names:
         images, labels = datasets.load_facade_images(folders[name], indices[name], NUM_CLASSES)
         h, w = images.shape[-2:]
@@ -249,24 +268,11 @@ def load_data(args, rt: utils.Runtime, multiple: int) -> dict:
             raise utils.UserError(f"{name} images are {w}x{h}; this model needs sides divisible "
                                   f"by {multiple} (predict pads any size; for training, crop or "
                                   "resize the data)")  # fmt: skip
-        splits[name] = (images.to(rt.device), labels.to(rt.device))
+        data[name] = (images.to(rt.device), labels.to(rt.device))
     if args.eval_only:
-        empty = tuple(t[:0] for t in splits["test"])
-        splits |= {"train": empty, "val": empty}
-    return splits
-
-
-def split_indices(args, names) -> dict[str, list[int]]:
-    """The image indices of each split: --train-range / --val-range / --test-range, or with
-    --split grouped the committed split of train/ without near-duplicates across it (splits.py)
-    for training and validation."""
-    for name in names:
-        datasets.check_range(name, *getattr(args, f"{name}_range"))
-    indices = {n: list(range(first, last + 1)) for n in names
-               for first, last in [getattr(args, f"{n}_range")]}  # fmt: skip
-    if args.split == "grouped" and "train" in names:
-        indices["train"], indices["val"] = splits.facade_split("grouped")
-    return indices
+        empty = tuple(t[:0] for t in data["test"])
+        data |= {"train": empty, "val": empty}
+    return data
 
 
 def build_loaders(args, rt: utils.Runtime, splits: dict, ckpt: dict | None):
@@ -307,7 +313,7 @@ def main(args) -> dict:
     if args.eval_on != "test" and not args.eval_only:
         raise utils.UserError("--eval-on chooses what --eval-only tests: give --eval-only CKPT")
     net_kwargs = ckpt["model_kwargs"] if ckpt else model_kwargs(args)
-    plain_mean = args.loss != "weighted_ce_dice"  # a mean over pixels: batches split exactly
+    plain_mean = args.loss != "weighted_ce_dice" and not args.z_loss  # batches split exactly
     splits_exactly = plain_mean and not models.has_batch_norm(args.model, **net_kwargs)
     rt = cli.runtime(args, ckpt, batch_splits=splits_exactly)
     net = models.build_model(args.model, **net_kwargs)
@@ -339,7 +345,7 @@ def main(args) -> dict:
                                   splits, (run_dir, log, meta, ckpt), compute)  # fmt: skip
         if tested is None:
             return runfiles.stop_invocation(args, rt, run_dir, log)
-    views = tta_passes(args.tta_scales) if args.tta else 1
+    views = models.tta_passes(args.tta_scales) if args.tta else 1
     tested |= {"model": args.model, "gflops_per_image": flops / 1e9, "tta": args.tta,
                "tta_scales": args.tta_scales, "evaluated_on": args.eval_on,
                "image_size": [int(h), int(w)], "normalization": normalization,
@@ -365,14 +371,14 @@ def train_and_select(args, rt, nets, loaders, splits, run, compute) -> dict | No
     """engine.fit, then the selected epoch on validation as it is and with flips (what decides
     --tta); None where --stop-after-epochs ended this invocation early."""
     model_without_ddp, (run_dir, log, meta, ckpt) = nets[1], run
-    loss_fn = losses.segmentation_loss(args.loss, splits["train"][1], NUM_CLASSES)
+    loss_fn = losses.segmentation_loss(args.loss, splits["train"][1], NUM_CLASSES, args.z_loss)
     tested = engine.fit(args, rt, nets, loaders, loss_fn, run_dir, log, meta, ckpt,
                         select=SELECT, ap_every=args.val_ap_every,
                         flops=(compute["train"], compute["val"]))  # fmt: skip
     if tested is None or not len(splits["val"][0]):
         return tested
     if "val_tflop" in tested:  # the two passes below: plain, and the test-time views
-        passes = 1 + tta_passes(args.tta_scales)
+        passes = 1 + models.tta_passes(args.tta_scales)
         tested["val_tflop"] += passes * len(splits["val"][0]) * compute["val"] / 1e12
     tested |= engine.validate_both_views(
         model_without_ddp,
@@ -387,12 +393,6 @@ def train_and_select(args, rt, nets, loaders, splits, run, compute) -> dict | No
     log.info("validation mean AP of the selected epoch: %.4f, with flips%s %.4f",
              tested["val_mean_ap"], scales, tested["val_mean_ap_tta"])  # fmt: skip
     return tested
-
-
-def tta_passes(scales) -> float:
-    """Forward passes, in full-size images, of --tta at these scales: an image and its mirror
-    at each scale s, each costing s^2 (convolutions scale with the pixels)."""
-    return 2 * sum(s * s for s in scales)
 
 
 def cli_main(argv=None) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets import facade_pair
+from datasets import check_range, facade_pair
 from utils import UserError
 
 SPLIT_END = 900  # both splits share out train/eecs442_0000..0899, as the course does
@@ -160,3 +160,15 @@ def facade_split(name: str, json_path: Path = GROUPED_JSON) -> tuple[list[int], 
             raise UserError(f"{json_path}: cannot read the grouped split ({err})") from None
         return split["train"], split["val"]
     raise UserError(f"unknown facade split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
+
+
+def facade_indices(ranges: dict, split: str = "ranges") -> dict[str, list[int]]:
+    """The image indices of each named split from its (first, last) range; with split "grouped"
+    the committed split of train/ without near-duplicates across it takes the training and
+    validation ranges' place."""
+    for name, (first, last) in ranges.items():
+        check_range(name, first, last)
+    indices = {name: list(range(first, last + 1)) for name, (first, last) in ranges.items()}
+    if split == "grouped" and "train" in ranges:
+        indices["train"], indices["val"] = facade_split("grouped")
+    return indices

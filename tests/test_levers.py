@@ -1,6 +1,7 @@
 """The Part 2 recipe levers: the weight average (--ema), crops holding rare classes
-(--rare-crops) and the one-versus-rest loss (--loss bce): their arithmetic, and that a run with
-them stops, resumes and tests the network it selected."""
+(--rare-crops), the one-versus-rest loss (--loss bce), the z-loss (--z-loss) and strip pooling
+(--strip-pool): their arithmetic, and that a run with them stops, resumes and tests the network
+it selected."""
 
 from __future__ import annotations
 
@@ -175,3 +176,55 @@ def test_a_one_vs_rest_run_selects_its_epoch_on_its_own_loss(synthetic_facade_ro
     chosen = min(rows, key=lambda r: float(r["val_loss"]))
     assert res["checkpoint_epoch"] == int(chosen["epoch"])
     assert float(chosen["val_loss"]) == pytest.approx(val_loss.item(), rel=1e-4)
+
+
+def test_the_z_loss_adds_the_mean_square_log_sum_exp_and_sees_the_shared_offset():
+    torch.manual_seed(0)
+    logits, y = 3 * torch.randn(2, 5, 3, 4), torch.randint(0, 5, (2, 3, 4))
+    ce = losses.CrossEntropy()
+    loss_fn = losses.WithZLoss(ce, 0.1)
+    by_hand = ce(logits, y) + 0.1 * torch.logsumexp(logits.double(), 1).square().mean()
+    assert loss_fn(logits, y).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    from_sums = loss_fn.value(loss_fn.sums(logits, y).tolist())
+    assert from_sums == pytest.approx(by_hand.item(), rel=1e-5)
+    # log-probabilities (log-sum-exp 0 at every pixel) pay no z-loss: only the offset is priced
+    log_p = logits.log_softmax(1)
+    assert loss_fn(log_p, y).item() == pytest.approx(ce(logits, y).item(), rel=1e-5)
+
+
+def test_strip_pooling_gives_a_pixel_the_context_of_its_whole_row_and_column():
+    torch.manual_seed(0)
+    pool = models.StripPool(4).eval()
+    x = torch.randn(1, 4, 8, 8)
+    moved = x.clone()
+    moved[0, :, 0, 3] += 5  # one pixel of the top row, column 3
+    with torch.no_grad():
+        change = (pool(moved) - pool(x)).abs().sum(1)[0]  # (H, W)
+    assert change[7, 3] > 1e-3 and change[0, 6] > 1e-3  # its column's bottom, its row's end
+    assert change[7, 6] < 1e-6  # neither its row nor its column: untouched
+    by_hand = x * torch.sigmoid(pool.gate(torch.relu(
+        pool.rows(x.mean(3, keepdim=True)) + pool.columns(x.mean(2, keepdim=True)))))  # fmt: skip
+    torch.testing.assert_close(pool(x), by_hand)
+
+
+def test_a_strip_pooled_z_loss_run_resumes_and_its_eval_only_reproduces_it(
+    synthetic_facade_ro, tmp_path
+):
+    out, flags = tmp_path / "sp", [*SYN_P2, *UNET, "--strip-pool", "--z-loss", "0.01"]
+    common = [*flags, "--epochs", "2", "--batch-size", "4", "--no-progress", "--output-dir", out]
+    part2("--data", synthetic_facade_ro, *common, "--stop-after-epochs", "1")
+    res = part2("--data", synthetic_facade_ro, *common, "--resume", out / "checkpoints/last.pt")
+    ckpt = torch.load(out / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    assert ckpt["model_kwargs"]["strip_pool"] is True and ckpt["args"]["z_loss"] == 0.01
+    assert any(k.startswith("context.") for k in ckpt["model"])
+    best = out / "checkpoints" / "best.pt"
+    again = part2("--data", synthetic_facade_ro, *SYN_P2, "--eval-only", best, "--no-progress",
+                  "--output-dir", tmp_path / "again")  # fmt: skip
+    assert again["mean_ap"] == pytest.approx(res["mean_ap"], abs=1e-6)
+    plain = models.build_model("unet", num_classes=5, width=4)  # older checkpoints: no new keys
+    assert not any(k.startswith("context.") for k in plain.state_dict())
+
+
+def test_strip_pooling_is_a_unet_flag(synthetic_facade_ro):
+    with pytest.raises(UserError, match="--strip-pool applies to unet only"):
+        part2("--data", synthetic_facade_ro, *SYN_P2, "--strip-pool", "--no-progress")

@@ -302,7 +302,8 @@ def test_validation_loss_independent_of_batching():
     rt = utils.Runtime(device=torch.device("cpu"), progress=False)
     values = []
     ce_smooth = losses.CrossEntropy(label_smoothing=0.1)
-    for loss_fn in (losses.CrossEntropyDice(weight, 5), ce_smooth, losses.OneVsRest(5)):
+    z_dice = losses.WithZLoss(losses.CrossEntropyDice(weight, 5), 0.1)
+    for loss_fn in (losses.CrossEntropyDice(weight, 5), ce_smooth, losses.OneVsRest(5), z_dice):
         for batch in (1, 2, 3, 7):
             loader = datasets.TensorLoader(
                 images, labels, batch, mean=[0.5] * 3, std=[0.25] * 3, train=False
