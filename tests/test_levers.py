@@ -13,16 +13,12 @@ import losses
 import models
 import part2_segment
 import runfiles
-from conftest import checkpoint_scores
+from conftest import checkpoint_scores, run_part2
 from ema import WeightAverage
 from errors import UserError
 
 SYN_P2 = ["--train-range", "0", "7", "--val-range", "8", "10", "--test-range", "0", "3"]
 UNET = ["--model", "unet", "--width", "4", "--crop", "16", "--crop-scale", "0.5", "0.8"]
-
-
-def part2(*argv):
-    return part2_segment.main(part2_segment.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 def test_the_average_follows_its_formula_for_weights_and_batch_norm_statistics():
@@ -92,9 +88,9 @@ def test_an_averaged_run_stops_resumes_and_tests_the_average(synthetic_facade_ro
     common = ["--data", synthetic_facade_ro, *SYN_P2, *UNET, "--epochs", 3, "--ema", 0.9,
               "--rare-crops", 0.5, "--batch-size", 4]  # fmt: skip
     straight, boxed = tmp_path / "straight", tmp_path / "boxed"
-    part2(*common, "--output-dir", straight)
-    part2(*common, "--stop-after-epochs", 2, "--output-dir", boxed)
-    part2("--resume", boxed / "checkpoints/last.pt")
+    run_part2(*common, "--output-dir", straight)
+    run_part2(*common, "--stop-after-epochs", 2, "--output-dir", boxed)
+    run_part2("--resume", boxed / "checkpoints/last.pt")
     a, b = (runfiles.read_json(f / "results.json") for f in (straight, boxed))
     assert a["mean_ap"] == pytest.approx(b["mean_ap"], abs=1e-6)
     assert a["checkpoint_epoch"] == b["checkpoint_epoch"]
@@ -103,14 +99,15 @@ def test_an_averaged_run_stops_resumes_and_tests_the_average(synthetic_facade_ro
     trained, averaged = last["ema"]["trained_model"], last["model"]
     assert not torch.equal(trained["down.0.0.0.weight"], averaged["down.0.0.0.weight"])
     # --eval-only tests the checkpoint's "model": the average, the same numbers as the run's
-    tested = part2("--eval-only", straight / "checkpoints/best.pt", "--data", synthetic_facade_ro,
-                   "--test-range", 0, 3, "--output-dir", tmp_path / "e")  # fmt: skip
+    best = straight / "checkpoints/best.pt"
+    tested = run_part2("--eval-only", best, "--data", synthetic_facade_ro, "--test-range", 0, 3,
+                       "--output-dir", tmp_path / "e")  # fmt: skip
     assert tested["mean_ap"] == pytest.approx(a["mean_ap"], abs=1e-6)
 
 
 def test_rare_crops_without_the_cropping_augmentation_is_one_line(synthetic_facade_ro, capsys):
     with pytest.raises(UserError, match="--rare-crops"):
-        part2("--data", synthetic_facade_ro, *SYN_P2, "--augment", "none", "--rare-crops", 0.3)
+        run_part2("--data", synthetic_facade_ro, *SYN_P2, "--augment", "none", "--rare-crops", 0.3)
     for bad in (["--rare-crops", "1.5"], ["--rare-crops", "-0.1"], ["--ema", "1"]):
         with pytest.raises(SystemExit) as stop:
             part2_segment.get_args_parser().parse_args(bad)
@@ -140,9 +137,9 @@ def test_the_full_resolution_branch_sees_detail_the_downsampled_unet_cannot():
 def test_a_full_resolution_branch_needs_a_downsampled_unet(synthetic_facade_ro):
     base = ["--data", synthetic_facade_ro, *SYN_P2]
     with pytest.raises(UserError, match="--downsample"):
-        part2(*base, "--model", "unet", "--fine-width", 4)
+        run_part2(*base, "--model", "unet", "--fine-width", 4)
     with pytest.raises(UserError, match="unet only"):
-        part2(*base, "--model", "facade_fcn", "--fine-width", 4)
+        run_part2(*base, "--model", "facade_fcn", "--fine-width", 4)
 
 
 def test_one_vs_rest_is_a_binary_cross_entropy_per_class_that_sees_a_shared_offset():
@@ -165,8 +162,8 @@ def test_one_vs_rest_is_a_binary_cross_entropy_per_class_that_sees_a_shared_offs
 
 def test_a_one_vs_rest_run_selects_its_epoch_on_its_own_loss(synthetic_facade_ro, tmp_path):
     out = tmp_path / "bce"
-    res = part2("--data", synthetic_facade_ro, *SYN_P2, *UNET, "--loss", "bce", "--epochs", "2",
-                "--batch-size", "4", "--no-progress", "--output-dir", out)  # fmt: skip
+    res = run_part2("--data", synthetic_facade_ro, *SYN_P2, *UNET, "--loss", "bce",
+                    "--epochs", "2", "--batch-size", "4", "--output-dir", out)  # fmt: skip
     assert runfiles.read_json(out / "args.json")["loss"] == "bce"
     scores, labels = checkpoint_scores(out, synthetic_facade_ro / "train", 8, 10)
     # one row per pixel: (pixels, 5, 1) scores and (pixels, 1) labels, the same mean
@@ -211,15 +208,15 @@ def test_a_strip_pooled_z_loss_run_resumes_and_its_eval_only_reproduces_it(
     synthetic_facade_ro, tmp_path
 ):
     out, flags = tmp_path / "sp", [*SYN_P2, *UNET, "--strip-pool", "--z-loss", "0.01"]
-    common = [*flags, "--epochs", "2", "--batch-size", "4", "--no-progress", "--output-dir", out]
-    part2("--data", synthetic_facade_ro, *common, "--stop-after-epochs", "1")
-    res = part2("--data", synthetic_facade_ro, *common, "--resume", out / "checkpoints/last.pt")
-    ckpt = torch.load(out / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    common = [*flags, "--epochs", "2", "--batch-size", "4", "--output-dir", out]
+    run_part2("--data", synthetic_facade_ro, *common, "--stop-after-epochs", "1")
+    res = run_part2("--data", synthetic_facade_ro, *common, "--resume", out / "checkpoints/last.pt")
+    best = out / "checkpoints" / "best.pt"
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
     assert ckpt["model_kwargs"]["strip_pool"] is True and ckpt["args"]["z_loss"] == 0.01
     assert any(k.startswith("context.") for k in ckpt["model"])
-    best = out / "checkpoints" / "best.pt"
-    again = part2("--data", synthetic_facade_ro, *SYN_P2, "--eval-only", best, "--no-progress",
-                  "--output-dir", tmp_path / "again")  # fmt: skip
+    again = run_part2("--data", synthetic_facade_ro, *SYN_P2, "--eval-only", best,
+                      "--output-dir", tmp_path / "again")  # fmt: skip
     assert again["mean_ap"] == pytest.approx(res["mean_ap"], abs=1e-6)
     plain = models.build_model("unet", num_classes=5, width=4)  # older checkpoints: no new keys
     assert not any(k.startswith("context.") for k in plain.state_dict())
@@ -227,4 +224,4 @@ def test_a_strip_pooled_z_loss_run_resumes_and_its_eval_only_reproduces_it(
 
 def test_strip_pooling_is_a_unet_flag(synthetic_facade_ro):
     with pytest.raises(UserError, match="--strip-pool applies to unet only"):
-        part2("--data", synthetic_facade_ro, *SYN_P2, "--strip-pool", "--no-progress")
+        run_part2("--data", synthetic_facade_ro, *SYN_P2, "--strip-pool")
